@@ -12,7 +12,7 @@ import difflib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -29,6 +29,7 @@ Mode = Literal["single", "dp", "ddp"]
 Backend = Literal["nccl", "gloo"]
 
 BUILTIN_DATASETS = ("cifar10", "synthetic")
+M = TypeVar("M", bound=BaseModel)
 
 
 class Section(BaseModel):
@@ -177,6 +178,18 @@ class TrainConfig(Section):
         return self
 
 
+class EvalSettings(Section):
+    """``distml eval``: which checkpoint, on which data; unset data = the checkpoint's own."""
+
+    checkpoint: Path
+    dataset: str | None = None
+    data_dir: Path | None = None
+    split: Literal["test", "val", "train"] = "test"
+    device: DeviceChoice = "auto"
+    batch_size: int | None = Field(None, ge=1)
+    out: Path | None = None
+
+
 # ----------------------------------------------------------------------------- sources
 
 
@@ -269,12 +282,12 @@ def format_validation_error(
 
 
 def resolve_settings(
-    model: type[BaseModel],
+    model: type[M],
     config_file: Path | None = None,
     flags: dict[str, Any] | None = None,
     assignments: list[str] | None = None,
     flag_names: dict[str, str] | None = None,
-) -> Any:
+) -> M:
     """Merge defaults < config file < flags < ``--set`` assignments and validate."""
     tree: dict[str, Any] = read_config_file(config_file) if config_file else {}
     for key, value in (flags or {}).items():
@@ -282,7 +295,14 @@ def resolve_settings(
             set_dotted(tree, key, value)
     for text in assignments or []:
         set_dotted(tree, *parse_assignment(text))
+    return validate_settings(model, tree, flag_names)
+
+
+def validate_settings(
+    model: type[M], values: dict[str, Any], flag_names: dict[str, str] | None = None
+) -> M:
+    """``model.model_validate(values)``, with a SettingsError that names every bad field."""
     try:
-        return model.model_validate(tree)
+        return model.model_validate(values)
     except ValidationError as exc:
         raise SettingsError(format_validation_error(exc, model, flag_names)) from None

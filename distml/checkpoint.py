@@ -1,0 +1,190 @@
+"""safetensors checkpoints with a metadata schema, and atomic file writes.
+
+A model checkpoint holds the bare model's ``state_dict`` tensors and string metadata:
+``format`` (``distml-checkpoint``), ``format_version``, ``distml_version``, ``model_spec``,
+``classes``, ``normalization``, ``settings``, ``epoch``, ``metrics`` and ``extra`` (JSON).
+Nothing is ever unpickled: loading a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from distml import __version__
+from distml.errors import DistmlError
+from distml.models import Classifier, ModelSpec, build_model
+
+CHECKPOINT_FORMAT = "distml-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+
+def fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through ``write(tmp)`` to a temp file beside ``path``, fsync, then rename over it.
+    A crash at any moment leaves either the old file or the new one, never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_directory(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Atomically write a safetensors file (tensors copied to contiguous CPU memory)."""
+    plain = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(plain, str(tmp), metadata=metadata))
+
+
+def read_tensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor and the metadata of a safetensors file; ``what`` names it in errors."""
+    path = Path(path)
+    if not path.exists():
+        raise DistmlError(f"{what} {path} does not exist. Check the path.")
+    if not path.is_file():
+        raise DistmlError(f"{what} {path} is not a file.")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise DistmlError(
+            f"{what} {path} cannot be read as safetensors ({exc}). The file is damaged, "
+            "truncated or of another format; write it again (or restore it from a copy)."
+        ) from None
+    return tensors, metadata
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    spec: ModelSpec
+    state: dict[str, torch.Tensor]
+    classes: list[str]
+    normalization: dict[str, list[float]]
+    settings: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    distml_version: str = __version__
+    path: Path | None = None
+
+
+def bare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under DataParallel / DDP / torch.compile wrappers."""
+    while True:
+        if isinstance(model, torch.nn.DataParallel | torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, ckpt: Checkpoint) -> None:
+    """Write ``model``'s weights with ``ckpt``'s metadata (its ``state`` field is ignored)."""
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": str(CHECKPOINT_VERSION),
+        "distml_version": __version__,
+        "model_spec": ckpt.spec.model_dump_json(),
+        "classes": json.dumps(ckpt.classes),
+        "normalization": json.dumps(ckpt.normalization),
+        "settings": json.dumps(ckpt.settings, default=str),
+        "epoch": str(ckpt.epoch),
+        "metrics": json.dumps(ckpt.metrics, default=str),
+        "extra": json.dumps(ckpt.extra, default=str),
+    }
+    save_tensors(path, bare_model(model).state_dict(), metadata)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read and validate a distml checkpoint; every problem is a DistmlError with a fix."""
+    tensors, meta = read_tensors(path, "checkpoint")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise DistmlError(
+            f"checkpoint {path} is a safetensors file but not a distml checkpoint (its metadata "
+            "has no distml model spec). Use a file written by `distml train` (best.safetensors, "
+            "last.safetensors or --save)."
+        )
+    try:
+        version = int(meta.get("format_version", "0"))
+        if version > CHECKPOINT_VERSION:
+            raise DistmlError(
+                f"checkpoint {path} has format version {version}, newer than this distml "
+                f"({__version__}) reads; upgrade distml."
+            )
+        spec = ModelSpec.model_validate_json(meta["model_spec"])
+        return Checkpoint(
+            spec=spec,
+            state=tensors,
+            classes=list(json.loads(meta["classes"])),
+            normalization=json.loads(meta["normalization"]),
+            settings=json.loads(meta.get("settings", "{}")),
+            epoch=int(meta.get("epoch", "0")),
+            metrics=json.loads(meta.get("metrics", "{}")),
+            extra=json.loads(meta.get("extra", "{}")),
+            distml_version=meta.get("distml_version", "unknown"),
+            path=Path(path),
+        )
+    except (KeyError, ValueError, ValidationError) as exc:
+        raise DistmlError(
+            f"checkpoint {path} has damaged distml metadata ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0]}). Write it again with `distml train`."
+        ) from None
+
+
+def model_from_checkpoint(ckpt: Checkpoint) -> Classifier:
+    """Rebuild the network from the spec and load the weights (strictly, on the CPU)."""
+    model = build_model(ckpt.spec)
+    try:
+        model.load_state_dict(ckpt.state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise DistmlError(
+            f"checkpoint {ckpt.path}: its tensors do not fit its own model spec ({first}). "
+            "The file was changed by another tool or is damaged."
+        ) from None
+    return model

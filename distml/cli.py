@@ -1,0 +1,400 @@
+"""The ``distml`` command line: thin Typer functions that build validated settings, call one
+library function, and print a short summary (or ``--json``).
+
+Exit codes: 0 success; 1 unexpected failure (a crashed rank, a bug); 2 a problem the user
+can fix (settings, data, checkpoint, device); 3 training diverged (non-finite loss).
+Heavy modules (torch) are imported inside the commands so ``distml --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import typer
+
+from distml import __version__
+from distml.errors import DistmlError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="distml",
+    help="Train CIFAR-10 classifiers on one or many GPUs; study and compress them with the "
+    "Separation Index.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+)
+
+# flag name (as Typer passes it) -> dotted settings key, for `distml train`
+TRAIN_FLAGS = {
+    "model": "model.arch",
+    "width": "model.width",
+    "depth": "model.depth",
+    "norm": "model.norm",
+    "dropout": "model.dropout",
+    "init": "model.init",
+    "freeze_features": "model.freeze_features",
+    "dataset": "data.dataset",
+    "data_dir": "data.data_dir",
+    "val_fraction": "data.val_fraction",
+    "augment": "data.augment",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "accum_steps": "train.accum_steps",
+    "label_smoothing": "train.label_smoothing",
+    "early_stop": "train.early_stop",
+    "precision": "train.precision",
+    "device": "train.device",
+    "seed": "train.seed",
+    "deterministic": "train.deterministic",
+    "optimizer": "optim.optimizer",
+    "lr": "optim.lr",
+    "momentum": "optim.momentum",
+    "weight_decay": "optim.weight_decay",
+    "scheduler": "optim.scheduler",
+    "step_size": "optim.step_size",
+    "gamma": "optim.gamma",
+    "mode": "dist.mode",
+    "nproc": "dist.nproc",
+    "backend": "dist.backend",
+    "sync_bn": "dist.sync_bn",
+    "max_restarts": "dist.max_restarts",
+    "nnodes": "dist.nnodes",
+    "node_rank": "dist.node_rank",
+    "rdzv_endpoint": "dist.rdzv_endpoint",
+    "out": "output.dir",
+    "name": "output.name",
+    "save": "output.save",
+}
+FLAG_NAMES = {key: "--" + flag.replace("_", "-") for flag, key in TRAIN_FLAGS.items()}
+FLAG_NAMES["model.arch"] = "--model"
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a one-paragraph error to stderr and exit with ``code`` (no traceback)."""
+    typer.echo(f"distml: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def user_errors(func: F) -> F:
+    """Turn DistmlError into a message and its exit code; Ctrl-C into exit 130."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except DistmlError as exc:
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            typer.echo("distml: interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit(result: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
+    """The result on stdout: human lines, or one JSON object on the last line."""
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+    else:
+        typer.echo(human(result))
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"distml {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=version_callback,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """distml: distributed CIFAR-10 training and Separation-Index compression."""
+
+
+# ----------------------------------------------------------------------------- train
+
+Opt = typer.Option
+MODEL, DATA, OPTIM, TRAIN, DIST, OUT = (
+    "Model",
+    "Data",
+    "Optimisation",
+    "Training",
+    "Distributed",
+    "Output",
+)
+
+
+@app.command()
+@user_errors
+def train(
+    config: Annotated[
+        Path | None, Opt(help="Settings file (TOML, YAML or JSON); flags override it.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        Opt("--set", help="dotted.key=value, reaches any setting; repeatable; wins over flags."),
+    ] = None,
+    model: Annotated[
+        Literal["cnn", "vgg16"] | None, Opt(help="Architecture.", rich_help_panel=MODEL)
+    ] = None,
+    width: Annotated[
+        float | None, Opt(help="Channel multiplier (1.0 = standard widths).", rich_help_panel=MODEL)
+    ] = None,
+    depth: Annotated[
+        int | None, Opt(help="cnn: conv blocks (8 = ResNet-9).", rich_help_panel=MODEL)
+    ] = None,
+    norm: Annotated[
+        Literal["batch", "group", "layer", "instance", "none"] | None, Opt(rich_help_panel=MODEL)
+    ] = None,
+    dropout: Annotated[
+        float | None, Opt(help="Dropout before the classifier layers.", rich_help_panel=MODEL)
+    ] = None,
+    init: Annotated[
+        Path | None,
+        Opt(
+            help="Start from this checkpoint's weights (architecture from it).",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
+    freeze_features: Annotated[
+        bool | None,
+        Opt(
+            "--freeze-features/--no-freeze-features",
+            help="With --init: freeze the features, train a new classifier head.",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        Opt(
+            help="cifar10, synthetic, or a distml .safetensors dataset file.", rich_help_panel=DATA
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        Opt(help="Dataset download/cache folder (default: data).", rich_help_panel=DATA),
+    ] = None,
+    val_fraction: Annotated[
+        float | None,
+        Opt(help="Class-balanced validation fraction (default 0.1).", rich_help_panel=DATA),
+    ] = None,
+    augment: Annotated[
+        bool | None, Opt("--augment/--no-augment", help="Random crop + flip.", rich_help_panel=DATA)
+    ] = None,
+    epochs: Annotated[int | None, Opt(rich_help_panel=TRAIN)] = None,
+    batch_size: Annotated[
+        int | None,
+        Opt(
+            help="Effective batch per optimizer step (all ranks, all micro-steps).",
+            rich_help_panel=TRAIN,
+        ),
+    ] = None,
+    accum_steps: Annotated[
+        int | None, Opt(help="Micro-batches accumulated per step.", rich_help_panel=TRAIN)
+    ] = None,
+    label_smoothing: Annotated[float | None, Opt(rich_help_panel=TRAIN)] = None,
+    early_stop: Annotated[
+        int | None,
+        Opt(
+            metavar="PATIENCE",
+            help="Stop after PATIENCE epochs without a better val accuracy.",
+            rich_help_panel=TRAIN,
+        ),
+    ] = None,
+    precision: Annotated[
+        Literal["32", "16-mixed", "bf16-mixed"] | None, Opt(rich_help_panel=TRAIN)
+    ] = None,
+    amp: Annotated[
+        bool,
+        Opt(
+            "--amp",
+            help="Shorthand for --precision 16-mixed (fp16 + GradScaler).",
+            rich_help_panel=TRAIN,
+        ),
+    ] = False,
+    device: Annotated[Literal["auto", "cuda", "cpu"] | None, Opt(rich_help_panel=TRAIN)] = None,
+    seed: Annotated[int | None, Opt(rich_help_panel=TRAIN)] = None,
+    deterministic: Annotated[
+        bool | None,
+        Opt(
+            "--deterministic/--no-deterministic",
+            help="Reproducible kernels (slower).",
+            rich_help_panel=TRAIN,
+        ),
+    ] = None,
+    optimizer: Annotated[
+        Literal["sgd", "adam", "adamw", "rmsprop"] | None, Opt(rich_help_panel=OPTIM)
+    ] = None,
+    lr: Annotated[float | None, Opt(help="Peak learning rate.", rich_help_panel=OPTIM)] = None,
+    momentum: Annotated[
+        float | None, Opt(help="SGD/RMSprop momentum; Adam beta1.", rich_help_panel=OPTIM)
+    ] = None,
+    weight_decay: Annotated[float | None, Opt(rich_help_panel=OPTIM)] = None,
+    scheduler: Annotated[
+        Literal["step", "cosine", "onecycle", "none"] | None, Opt(rich_help_panel=OPTIM)
+    ] = None,
+    step_size: Annotated[
+        int | None, Opt(help="step scheduler: epochs between decays.", rich_help_panel=OPTIM)
+    ] = None,
+    gamma: Annotated[
+        float | None, Opt(help="step scheduler: decay factor.", rich_help_panel=OPTIM)
+    ] = None,
+    mode: Annotated[
+        Literal["single", "dp", "ddp"] | None,
+        Opt(help="single device, nn.DataParallel (legacy), or DDP.", rich_help_panel=DIST),
+    ] = None,
+    nproc: Annotated[
+        int | None,
+        Opt(
+            help="DDP ranks on this node (default: every visible GPU; 2 on CPU).",
+            rich_help_panel=DIST,
+        ),
+    ] = None,
+    backend: Annotated[
+        Literal["nccl", "gloo"] | None,
+        Opt(help="Default: nccl on CUDA, gloo on CPU.", rich_help_panel=DIST),
+    ] = None,
+    sync_bn: Annotated[
+        bool | None, Opt("--sync-bn/--no-sync-bn", help="DDP: SyncBatchNorm.", rich_help_panel=DIST)
+    ] = None,
+    max_restarts: Annotated[
+        int | None, Opt(help="DDP: elastic restarts after a rank failure.", rich_help_panel=DIST)
+    ] = None,
+    nnodes: Annotated[
+        int | None, Opt(help="Nodes in the job (multi-node DDP).", rich_help_panel=DIST)
+    ] = None,
+    node_rank: Annotated[
+        int | None, Opt(help="This node's rank (multi-node DDP).", rich_help_panel=DIST)
+    ] = None,
+    rdzv_endpoint: Annotated[
+        str | None, Opt(help="host:port of node 0 (multi-node DDP).", rich_help_panel=DIST)
+    ] = None,
+    out: Annotated[
+        Path | None,
+        Opt(help="Run directory (default: artifacts/runs/<name>).", rich_help_panel=OUT),
+    ] = None,
+    name: Annotated[
+        str | None, Opt(help="Run name under artifacts/runs.", rich_help_panel=OUT)
+    ] = None,
+    save: Annotated[
+        Path | None, Opt(help="Also write the best checkpoint to this path.", rich_help_panel=OUT)
+    ] = None,
+    json_: Annotated[
+        bool,
+        Opt(
+            "--json",
+            help="Print the summary as one JSON object (last line of stdout).",
+            rich_help_panel=OUT,
+        ),
+    ] = False,
+    quiet: Annotated[
+        bool, Opt("--quiet", "-q", help="No progress output.", rich_help_panel=OUT)
+    ] = False,
+) -> None:
+    """Train a classifier; writes config.json, metrics.csv, curves.png, summary.json and
+    best/last checkpoints into the run directory."""
+    from distml.config import TrainConfig, resolve_settings
+
+    values = locals()
+    flags = {TRAIN_FLAGS[name]: values[name] for name in TRAIN_FLAGS}
+    if amp:
+        if precision not in (None, "16-mixed"):
+            fail(f"--amp means --precision 16-mixed, but --precision {precision} was given too.")
+        flags["train.precision"] = "16-mixed"
+    settings = resolve_settings(TrainConfig, config, flags, set_, FLAG_NAMES)
+
+    from distml.train import train as run_training
+
+    summary = run_training(settings, show_progress=not quiet)
+    if summary:  # empty on the nodes of a multi-node job that do not hold rank 0
+        emit(summary, json_, train_report)
+
+
+def train_report(s: dict[str, Any]) -> str:
+    best = s["best_val_accuracy"]
+    lines = [
+        f"run           {s['run_dir']}",
+        f"model         {s['architecture']} ({s['parameters']:,} parameters)",
+        f"hardware      {s['mode']} x{s['world_size']} on {s['device_name']}, precision "
+        f"{s['precision']}",
+        f"test accuracy {100 * s['test_accuracy']:.2f}% (loss {s['test_loss']:.4f}, best epoch "
+        f"{s['best_epoch']}" + (f", val {100 * best:.2f}%)" if best is not None else ")"),
+        f"train acc.    {100 * s['train_accuracy']:.2f}% (best model, unaugmented)",
+        f"time          {s['train_seconds']:.1f}s training, {s['total_seconds']:.1f}s total, "
+        f"{s['images_per_second']:,.0f} img/s, peak memory {s['peak_memory_mb']:,.0f} MiB",
+        f"verdict       {s['overfitting']['verdict']}",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A distml .safetensors checkpoint.")],
+    dataset: Annotated[
+        str | None, Opt(help="Default: the dataset the checkpoint was trained on.")
+    ] = None,
+    data_dir: Annotated[Path | None, Opt(help="Default: the checkpoint's data folder.")] = None,
+    split: Annotated[Literal["test", "val", "train"], Opt()] = "test",
+    device: Annotated[Literal["auto", "cuda", "cpu"], Opt()] = "auto",
+    batch_size: Annotated[
+        int | None, Opt(help="Default: the checkpoint's eval batch size.")
+    ] = None,
+    out: Annotated[Path | None, Opt(help="Folder for eval.json and confusion.png.")] = None,
+    json_: Annotated[bool, Opt("--json", help="Print the result as one JSON object.")] = False,
+    quiet: Annotated[bool, Opt("--quiet", "-q")] = False,
+) -> None:
+    """Accuracy, loss, per-class accuracy and a confusion matrix of a checkpoint."""
+    from distml.config import EvalSettings, validate_settings
+    from distml.evaluate import evaluate_checkpoint
+
+    settings = validate_settings(
+        EvalSettings,
+        {
+            "checkpoint": checkpoint,
+            "dataset": dataset,
+            "data_dir": data_dir,
+            "split": split,
+            "device": device,
+            "batch_size": batch_size,
+            "out": out,
+        },
+        {"batch_size": "--batch-size", "dataset": "--dataset"},
+    )
+    result = evaluate_checkpoint(settings, show_progress=not quiet)
+    emit(result, json_, eval_report)
+
+
+def eval_report(r: dict[str, Any]) -> str:
+    lines = [
+        f"{r['split']} accuracy {100 * r['accuracy']:.2f}% ({r['correct']}/{r['count']}), "
+        f"loss {r['loss']:.4f} on {r['dataset']}",
+        "per class: "
+        + ", ".join(f"{c} {100 * a:.1f}%" for c, a in r["per_class_accuracy"].items()),
+        f"confusion matrix: {r['confusion_png']}",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    app()

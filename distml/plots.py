@@ -1,0 +1,77 @@
+"""Every figure distml draws (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from distml.checkpoint import atomic_write
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png"))
+    plt.close(fig)
+
+
+def plot_curves(
+    history: Sequence[dict[str, Any]], path: Path, title: str, best_epoch: int | None
+) -> None:
+    """Loss and accuracy per epoch, train and validation; the best epoch is marked."""
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, label in ((ax_loss, "loss", "loss"), (ax_acc, "accuracy", "accuracy (%)")):
+        scale = 100 if metric == "accuracy" else 1
+        ax.plot(epochs, [r[f"train_{metric}"] * scale for r in history], "o-", ms=3, label="train")
+        val = [r[f"val_{metric}"] for r in history]
+        if any(v is not None for v in val):
+            ax.plot(
+                epochs,
+                [v * scale if v is not None else float("nan") for v in val],
+                "s-",
+                ms=3,
+                label="validation",
+            )
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", ls=":", lw=1, label=f"best (epoch {best_epoch})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path, title: str) -> None:
+    """Row-normalised confusion matrix with the counts written in the cells."""
+    import numpy as np
+
+    counts = np.asarray(matrix, dtype=float)
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    size = max(5.0, 0.55 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(classes) <= 20:
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(
+                    j,
+                    i,
+                    int(counts[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
+    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
+    ax.set_title(title)
+    save_figure(fig, path)
