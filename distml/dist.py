@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import sys
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -120,6 +121,11 @@ def planned_ranks(config: TrainConfig, device: torch.device) -> int:
 def check_ddp_settings(config: TrainConfig, device: torch.device, world_size: int) -> str:
     """Validate backend and batch split for a DDP world; return the backend to use."""
     backend = config.dist.backend or default_backend(device)
+    if config.dist.sync_bn and device.type != "cuda":
+        raise DistmlError(
+            "--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels). Drop "
+            "--sync-bn on the CPU."
+        )
     if backend == "nccl" and device.type != "cuda":
         raise DistmlError(
             "the nccl backend needs CUDA GPUs, but this run is on the CPU. Use --backend gloo "
@@ -219,7 +225,14 @@ def ddp_worker(config_json: str, run_dir: str, show_progress: bool) -> dict[str,
     from distml.train import run_rank  # imported here: train imports this module
 
     config = TrainConfig.model_validate_json(config_json)
-    return run_rank(config, Path(run_dir), show_progress=show_progress)
+    try:
+        return run_rank(config, Path(run_dir), show_progress=show_progress)
+    except DistmlError as exc:
+        # a problem the user can fix: hand the message to the launcher, exit without a traceback
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(exc)
+        sys.exit(exc.exit_code)
 
 
 def launch_ddp(
@@ -249,7 +262,8 @@ def launch_ddp(
         monitor_interval=0.5,
         start_method="spawn",
     )
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    # the agent logs every failure with its traceback; distml reports it once, below
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         results = elastic_launch(launch, ddp_worker)(
             config.model_dump_json(), str(run_dir), show_progress
@@ -263,15 +277,18 @@ def launch_ddp(
 
 
 def rank_failure(exc: Any) -> DistmlError:
-    """Turn the elastic launcher's ChildFailedError into one readable error."""
+    """Turn the elastic launcher's ChildFailedError into one readable error: the first rank
+    that failed, and its exception. A rank that stopped on a DistmlError (exit 2 or 3) gives
+    that error back unchanged."""
     rank, failure = min(exc.failures.items(), key=lambda item: item[1].timestamp)
     message = failure.message
     if isinstance(message, dict):
         message = message.get("message", str(message))
     text = str(message).strip()
-    for prefix in ("DistmlError: ", "SettingsError: "):
-        if text.startswith(prefix):  # a settings/data problem found inside a rank: exit 2
-            return DistmlError(text.removeprefix(prefix))
+    if failure.exitcode in (2, 3) and ": " in text:
+        error = DistmlError(text.split(": ", 1)[1])
+        error.exit_code = failure.exitcode
+        return error
     if failure.exitcode < 0:
         text = f"killed by signal {-failure.exitcode}" + (f" ({text})" if text else "")
     elif not text or text.startswith("To enable traceback"):

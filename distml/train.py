@@ -489,6 +489,14 @@ def fit(config: TrainConfig, ctx: RunContext, run_dir: Path, reporter: Reporter)
         settings=config.model_dump(mode="json"),
         extra={"init": str(config.model.init) if init else None},
     )
+    notes = []
+    if ctx.mode == "dp" and ctx.world_size < 2:
+        notes.append(
+            f"dp mode: nn.DataParallel needs at least 2 GPUs to split a batch and "
+            f"{torch.cuda.device_count()} are visible, so this run used one device"
+        )
+    for note in notes:
+        reporter.line(f"note: {note}")
     reporter.line(
         f"distml train: {describe(spec)} | {count_parameters(bare):,} parameters | "
         f"{ctx.mode} x{ctx.world_size} on {device_name(ctx.device)} | precision {t.precision} | "
@@ -594,6 +602,7 @@ def fit(config: TrainConfig, ctx: RunContext, run_dir: Path, reporter: Reporter)
         "total_seconds": time.perf_counter() - started,
         "overfitting": overfitting_verdict(history),
         "loss_label_smoothing": t.label_smoothing,
+        "notes": notes,
         "checkpoints": {
             "best": str(run_dir / "best.safetensors"),
             "last": str(run_dir / "last.safetensors"),

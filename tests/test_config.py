@@ -1,0 +1,122 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from distml.config import (
+    TrainConfig,
+    parse_assignment,
+    read_config_file,
+    resolve_settings,
+)
+from distml.errors import SettingsError
+
+
+def test_defaults_are_valid_and_documented_values():
+    config = TrainConfig()
+    assert config.data.val_fraction == 0.1
+    assert config.model.arch == "cnn" and config.model.depth == 8
+    assert config.dist.mode == "single"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("train.epochs", 0, "train.epochs"),
+        ("optim.lr", -1.0, "optim.lr"),
+        ("data.val_fraction", 1.0, "data.val_fraction"),
+        ("model.norm", "batchy", "model.norm"),
+        ("train.precision", "fp8", "train.precision"),
+        ("optim.optimizer", "lion", "optim.optimizer"),
+        ("data.dataset", "imagenet", "dataset must be one of"),
+    ],
+)
+def test_bad_values_name_the_field(key, value, fragment):
+    with pytest.raises(SettingsError) as err:
+        resolve_settings(TrainConfig, flags={key: value})
+    assert fragment in str(err.value)
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(SettingsError, match=r"did you mean model\.width"):
+        resolve_settings(TrainConfig, assignments=["model.widht=2"])
+
+
+def test_batch_must_divide_into_micro_steps():
+    with pytest.raises(SettingsError, match="not divisible by accum_steps"):
+        resolve_settings(TrainConfig, flags={"train.batch_size": 30, "train.accum_steps": 4})
+
+
+def test_every_error_is_listed_at_once():
+    with pytest.raises(SettingsError) as err:
+        resolve_settings(TrainConfig, flags={"train.epochs": 0, "optim.lr": 0})
+    assert "train.epochs" in str(err.value) and "optim.lr" in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml", ".json"])
+def test_precedence_defaults_file_flags_set(tmp_path: Path, suffix: str):
+    body = {
+        ".toml": "[train]\nepochs = 5\nbatch_size = 64\n[optim]\nlr = 0.05\n",
+        ".yaml": "train:\n  epochs: 5\n  batch_size: 64\noptim:\n  lr: 0.05\n",
+        ".json": json.dumps({"train": {"epochs": 5, "batch_size": 64}, "optim": {"lr": 0.05}}),
+    }[suffix]
+    path = tmp_path / f"settings{suffix}"
+    path.write_text(body)
+    config = resolve_settings(
+        TrainConfig,
+        path,
+        flags={"train.batch_size": 128, "optim.lr": None},  # None = flag not given
+        assignments=["train.epochs=7"],
+    )
+    assert config.train.epochs == 7  # --set beats the file
+    assert config.train.batch_size == 128  # a flag beats the file
+    assert config.optim.lr == 0.05  # the file beats the default
+    assert config.train.seed == 0  # default
+
+
+def test_resolved_config_round_trips(tmp_path: Path):
+    config = resolve_settings(TrainConfig, flags={"model.arch": "vgg16", "train.epochs": 3})
+    path = tmp_path / "config.json"
+    path.write_text(config.model_dump_json())
+    assert resolve_settings(TrainConfig, path) == config
+
+
+def test_broken_config_files(tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nepochs = ")
+    with pytest.raises(SettingsError, match="cannot be parsed"):
+        read_config_file(bad)
+    with pytest.raises(SettingsError, match="does not exist"):
+        read_config_file(tmp_path / "missing.yaml")
+    other = tmp_path / "settings.ini"
+    other.write_text("x=1")
+    with pytest.raises(SettingsError, match="unknown type"):
+        read_config_file(other)
+    listing = tmp_path / "list.json"
+    listing.write_text("[1, 2]")
+    with pytest.raises(SettingsError, match="mapping"):
+        read_config_file(listing)
+
+
+def test_set_values_are_json_or_strings():
+    assert parse_assignment("train.epochs=3") == ("train.epochs", 3)
+    assert parse_assignment("model.head_hidden=[256, 128]") == ("model.head_hidden", [256, 128])
+    assert parse_assignment("data.dataset=cifar10") == ("data.dataset", "cifar10")
+    assert parse_assignment("train.deterministic=true") == ("train.deterministic", True)
+    with pytest.raises(SettingsError):
+        parse_assignment("no-equals-sign")
+
+
+def test_cross_section_rules():
+    with pytest.raises(SettingsError, match="early_stop needs a validation set"):
+        resolve_settings(TrainConfig, flags={"train.early_stop": 3, "data.val_fraction": 0})
+    with pytest.raises(SettingsError, match="freeze_features needs init"):
+        resolve_settings(TrainConfig, flags={"model.freeze_features": True})
+    with pytest.raises(SettingsError, match="nccl backend needs CUDA"):
+        resolve_settings(TrainConfig, flags={"dist.backend": "nccl", "train.device": "cpu"})
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.toml")))
+def test_shipped_recipes_are_valid(path: Path):
+    config = resolve_settings(TrainConfig, path)
+    assert config.train.epochs >= 1

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from distml.models import (
+    ModelSpec,
+    build_model,
+    cnn_plan,
+    count_parameters,
+    feature_shapes,
+    iter_feature_outputs,
+)
+
+
+def test_vgg16_cifar_variant():
+    spec = ModelSpec(arch="vgg16", num_classes=10)
+    model = build_model(spec)
+    names = [n for n, _ in model.features.named_children()]
+    assert len([n for n in names if n.startswith("conv")]) == 13
+    assert len([n for n in names if n.startswith("pool")]) == 5
+    assert names[:3] == ["conv1_1", "conv1_2", "pool1"] and names[-1] == "pool5"
+    # 14.7 M parameters: the CIFAR VGG16 (not torchvision's 134 M ImageNet head)
+    assert 14.7e6 < count_parameters(model) < 14.8e6
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_cnn_depth_8_is_resnet9():
+    plan = cnn_plan(8, 1.0)
+    assert [p.name for p in plan] == [
+        "stem",
+        "stage1",
+        "pool1",
+        "stage1_res1",
+        "stage2",
+        "pool2",
+        "stage3",
+        "pool3",
+        "stage3_res1",
+    ]
+    model = build_model(ModelSpec(arch="cnn", num_classes=10))
+    assert 6.5e6 < count_parameters(model) < 6.6e6  # ResNet-9 has 6.57 M
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5, 6, 9, 12])
+def test_cnn_depth_counts_conv_blocks(depth: int):
+    model = build_model(ModelSpec(arch="cnn", num_classes=10, depth=depth, width=0.125))
+    convs = [m for m in model.features.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == depth
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "layer", "instance", "none"])
+def test_every_norm_builds_and_runs(norm: str):
+    model = build_model(ModelSpec(arch="vgg16", num_classes=10, width=0.125, norm=norm))
+    model.train()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_taps_follow_the_feature_layers():
+    spec = ModelSpec(arch="vgg16", num_classes=10, width=0.125)
+    model = build_model(spec).eval()
+    shapes = feature_shapes(spec)
+    with torch.no_grad():
+        for name, out in iter_feature_outputs(model, torch.zeros(1, 3, 32, 32)):
+            assert out.shape[1:] == (shapes[name].channels, shapes[name].size, shapes[name].size)
+
+
+def test_spec_describes_cuts_and_channel_overrides():
+    spec = ModelSpec(
+        arch="vgg16",
+        num_classes=10,
+        width=0.25,
+        num_feature_layers=11,
+        channels={"conv4_1": 7},
+        head_hidden=(32,),
+    )
+    model = build_model(spec)
+    names = [n for n, _ in model.features.named_children()]
+    assert names[-1] == "conv4_1" and len(names) == 11
+    assert model.features.conv4_1.conv.out_channels == 7
+    assert model.head.fc1.in_features == 7 * 4 * 4  # the flattened 7 x 4 x 4 map
+    assert ModelSpec.model_validate_json(spec.model_dump_json()) == spec
