@@ -44,6 +44,12 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through ``write(tmp)`` to a temp file beside ``path``, fsync, then rename over it.
     A crash at any moment leaves either the old file or the new one, never a torn file."""
@@ -52,6 +58,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        # the usual permissions of a new file: some writers (safetensors) create them 0600
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

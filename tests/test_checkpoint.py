@@ -111,3 +111,14 @@ def test_tensors_that_do_not_fit_the_spec(tmp_path: Path):
     save_file(tensors, str(other), metadata=meta)
     with pytest.raises(DistmlError, match="do not fit its own model spec"):
         model_from_checkpoint(load_checkpoint(other))
+
+
+def test_written_files_get_the_usual_permissions(tmp_path: Path):
+    import os
+    import stat
+
+    path = tmp_path / "m.safetensors"
+    make_checkpoint(path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask

@@ -1,5 +1,7 @@
 """DDP on the CPU with gloo and 2 ranks, launched by distml itself (torch elastic)."""
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,56 @@ def test_a_ddp_run_learns(tmp_path: Path):
     )
     assert summary["test_accuracy"] > 0.35  # chance is 0.1
     assert (Path(summary["run_dir"]) / "curves.png").is_file()
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def is_rank(pid: int) -> bool:
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks through /proc")
+def test_a_killed_rank_stops_the_job_with_a_message(tmp_path: Path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "crash"
+    args = [*TINY, "--epochs", "500", "--mode", "ddp", "--nproc", "2", "--out", str(run)]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "distml", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120  # a guard against a hang, not a speed check
+        while not (run / "metrics.csv").exists():
+            assert job.poll() is None, job.communicate()
+            assert time.monotonic() < deadline, "the run never finished an epoch"
+            time.sleep(0.2)
+        ranks = [p for p in child_pids(job.pid) if is_rank(p)]
+        assert len(ranks) == 2
+        os.kill(ranks[-1], signal.SIGKILL)
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 1
+    assert re.search(r"DDP rank \d failed: killed by signal 9", stderr), stderr
+    assert "other ranks were stopped" in stderr
+    # the last good checkpoint is intact
+    assert load_file(str(run / "last.safetensors"))
