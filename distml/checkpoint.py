@@ -196,3 +196,92 @@ def model_from_checkpoint(ckpt: Checkpoint) -> Classifier:
             "The file was changed by another tool or is damaged."
         ) from None
     return model
+
+
+# ----------------------------------------------------------------------------- training state
+
+STATE_FORMAT = "distml-train-state"
+STATE_FILE = "state.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Everything ``--resume`` needs, in one safetensors file (tensors + JSON metadata):
+    the weights now (``model``), the best weights when they differ (``best``), the optimizer,
+    schedule and GradScaler state, each rank's RNG states, and the loop's own bookkeeping."""
+
+    model: dict[str, torch.Tensor]
+    best: dict[str, torch.Tensor] | None
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any] | None
+    rng: dict[str, torch.Tensor]  # "cpu.<rank>", "cuda.<rank>"
+    loop: dict[str, Any]
+    world_size: int
+
+
+def split_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def optimizer_to_tensors(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer ``state_dict`` as flat tensors plus JSON (nothing pickled)."""
+    tensors, scalars = {}, {}
+    for index, entries in state_dict["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_training_state(path: Path, state: TrainingState) -> None:
+    optim_tensors, optim_meta = optimizer_to_tensors(state.optimizer)
+    tensors = {f"model.{k}": v for k, v in state.model.items()}
+    tensors |= {f"best.{k}": v for k, v in (state.best or {}).items()}
+    tensors |= {f"optim.{k}": v for k, v in optim_tensors.items()}
+    tensors |= {f"rng.{k}": v for k, v in state.rng.items()}
+    metadata = {
+        "format": STATE_FORMAT,
+        "format_version": str(CHECKPOINT_VERSION),
+        "distml_version": __version__,
+        "optimizer": json.dumps(optim_meta),
+        "scheduler": json.dumps(state.scheduler),
+        "scaler": json.dumps(state.scaler),
+        "loop": json.dumps(state.loop),
+        "world_size": str(state.world_size),
+    }
+    save_tensors(path, tensors, metadata)
+
+
+def load_training_state(path: Path) -> TrainingState:
+    tensors, meta = read_tensors(path, "training state")
+    if meta.get("format") != STATE_FORMAT:
+        raise DistmlError(f"{path} is not a distml training state (state.safetensors).")
+    try:
+        return TrainingState(
+            model=split_prefix(tensors, "model."),
+            best=split_prefix(tensors, "best.") or None,
+            optimizer=optimizer_from_tensors(
+                split_prefix(tensors, "optim."), json.loads(meta["optimizer"])
+            ),
+            scheduler=json.loads(meta["scheduler"]),
+            scaler=json.loads(meta["scaler"]),
+            rng=split_prefix(tensors, "rng."),
+            loop=json.loads(meta["loop"]),
+            world_size=int(meta["world_size"]),
+        )
+    except (KeyError, ValueError) as exc:
+        raise DistmlError(
+            f"training state {path} is damaged ({type(exc).__name__}: {exc}); the run cannot "
+            "be resumed from it."
+        ) from None

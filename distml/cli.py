@@ -307,6 +307,15 @@ def train(
     quiet: Annotated[
         bool, Opt("--quiet", "-q", help="No progress output.", rich_help_panel=OUT)
     ] = False,
+    resume: Annotated[
+        Path | None,
+        Opt(
+            metavar="RUN_DIR",
+            help="Continue a stopped run from its saved state, with the settings in its "
+            "config.json (no other settings flags).",
+            rich_help_panel=OUT,
+        ),
+    ] = None,
 ) -> None:
     """Train a classifier; writes config.json, metrics.csv, curves.png, summary.json and
     best/last checkpoints into the run directory."""
@@ -314,6 +323,18 @@ def train(
 
     values = locals()
     flags = {TRAIN_FLAGS[name]: values[name] for name in TRAIN_FLAGS}
+    if resume is not None:
+        given = [FLAG_NAMES[k] for k, v in flags.items() if v is not None]
+        given += ["--config"] * bool(config) + ["--set"] * bool(set_) + ["--amp"] * amp
+        if given:
+            fail(
+                "--resume continues a run with the settings in its config.json; drop "
+                f"{', '.join(given)} (or start a new run without --resume)."
+            )
+        from distml.train import resume_run
+
+        emit(resume_run(resume, show_progress=not quiet), json_, train_report)
+        return
     if amp:
         if precision not in (None, "16-mixed"):
             fail(f"--amp means --precision 16-mixed, but --precision {precision} was given too.")
