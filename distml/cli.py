@@ -77,9 +77,9 @@ FLAG_NAMES = {key: "--" + flag.replace("_", "-") for flag, key in TRAIN_FLAGS.it
 FLAG_NAMES["model.arch"] = "--model"
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2, label: str = "error") -> None:
     """Print a one-paragraph error to stderr and exit with ``code`` (no traceback)."""
-    typer.echo(f"distml: error: {message}", err=True)
+    typer.echo(f"distml: {label}: {message}", err=True)
     raise typer.Exit(code)
 
 
@@ -91,7 +91,7 @@ def user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except DistmlError as exc:
-            fail(str(exc), exc.exit_code)
+            fail(str(exc), exc.exit_code, exc.label)
         except KeyboardInterrupt:
             typer.echo("distml: interrupted", err=True)
             raise typer.Exit(130) from None
@@ -414,6 +414,348 @@ def eval_report(r: dict[str, Any]) -> str:
         + ", ".join(f"{c} {100 * a:.1f}%" for c, a in r["per_class_accuracy"].items()),
         f"confusion matrix: {r['confusion_png']}",
     ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- SI study
+# distml si / prune / select-features / study: validated settings -> one library call
+# (distml/taps.py, distml/compress.py, distml/study.py) -> emit.
+
+SI_FLAG_NAMES = {
+    "fraction": "--fraction",
+    "splits": "--splits",
+    "batch_size": "--batch-size",
+    "dataset": "--dataset",
+    "tolerance": "--tolerance",
+    "max_features": "--max-features",
+    "head.epochs": "--head-epochs",
+    "head.lr": "--lr",
+    "head.batch_size": "--head-batch-size",
+    "layer_tolerance": "--layer-tolerance",
+    "feature_tolerance": "--feature-tolerance",
+}
+SI, HEAD = "Separation Index", "New classifier head"
+
+CheckpointArg = Annotated[Path, typer.Argument(help="A distml .safetensors checkpoint.")]
+DatasetOpt = Annotated[str | None, Opt(help="Default: the dataset the checkpoint was trained on.")]
+DataDirOpt = Annotated[Path | None, Opt(help="Default: the checkpoint's data folder.")]
+FractionOpt = Annotated[
+    float,
+    Opt(help="Class-balanced fraction of each split measured, in (0, 1].", rich_help_panel=SI),
+]
+DeviceOpt = Annotated[Literal["auto", "cuda", "cpu"], Opt()]
+BatchOpt = Annotated[
+    int | None, Opt(help="Images per forward pass (default: the checkpoint's eval batch).")
+]
+CriterionOpt = Annotated[
+    Literal["si", "center-si"], Opt(help="Index the decisions use.", rich_help_panel=SI)
+]
+ToleranceOpt = Annotated[
+    float,
+    Opt(
+        help="Keep the shortest prefix whose index is within this of the best (index units).",
+        rich_help_panel=SI,
+    ),
+]
+HeadEpochsOpt = Annotated[
+    int,
+    Opt(
+        help="Train the rebuilt classifier this many epochs on frozen features (0: don't).",
+        rich_help_panel=HEAD,
+    ),
+]
+HeadLrOpt = Annotated[float, Opt(help="Head training learning rate.", rich_help_panel=HEAD)]
+HeadBatchOpt = Annotated[
+    int | None, Opt(help="Head training batch (default: the run's).", rich_help_panel=HEAD)
+]
+HeadSchedulerOpt = Annotated[
+    Literal["step", "cosine", "onecycle", "none"], Opt(rich_help_panel=HEAD)
+]
+ModeOpt = Annotated[
+    Literal["single", "dp", "ddp"], Opt(help="Head training mode.", rich_help_panel=HEAD)
+]
+SaveOpt = Annotated[Path | None, Opt(help="Also write the compressed checkpoint here.")]
+JsonOpt = Annotated[bool, Opt("--json", help="Print the result as one JSON object.")]
+QuietOpt = Annotated[bool, Opt("--quiet", "-q", help="No progress output.")]
+
+
+def head_values(epochs: int, lr: float, batch: int | None, scheduler: str, mode: str) -> dict:
+    return {"epochs": epochs, "lr": lr, "batch_size": batch, "scheduler": scheduler, "mode": mode}
+
+
+@app.command("si")
+@user_errors
+def si_command(
+    checkpoint: CheckpointArg,
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    fraction: FractionOpt = 0.1,
+    splits: Annotated[
+        str, Opt(help="Comma-separated splits to measure: train, val, test.", rich_help_panel=SI)
+    ] = "train,test",
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = None,
+    out: Annotated[Path | None, Opt(help="Folder for si.json and si.png.")] = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """SI and Center SI of every feature layer, on class-balanced subsets of each split;
+    writes si.json and si.png (default folder: <checkpoint>-si beside the checkpoint)."""
+    from distml.config import SiSettings, validate_settings
+    from distml.taps import measure_layers
+
+    values = {
+        "checkpoint": checkpoint,
+        "dataset": dataset,
+        "data_dir": data_dir,
+        "fraction": fraction,
+        "splits": [s.strip() for s in splits.split(",") if s.strip()],
+        "device": device,
+        "batch_size": batch_size,
+        "out": out,
+    }
+    settings = validate_settings(SiSettings, values, SI_FLAG_NAMES)
+    emit(measure_layers(settings, show_progress=not quiet), json_, si_report)
+
+
+def si_report(r: dict[str, Any]) -> str:
+    splits = r["splits"]
+    head = f"{'layer':<14}{'shape':>12}" + "".join(f"{'SI ' + s:>12}" for s in splits)
+    head += "".join(f"{'CSI ' + s:>12}" for s in splits)
+    lines = [
+        f"{r['checkpoint']} on {r['dataset']}: "
+        + ", ".join(f"{n} {s} samples" for s, n in r["samples"].items()),
+        head,
+    ]
+    for row in r["layers"]:
+        shape = f"{row['channels']}x{row['size']}x{row['size']}"
+        cells = [row["si"][s] for s in splits] + [row["center_si"][s] for s in splits]
+        lines.append(f"{row['name']:<14}{shape:>12}" + "".join(f"{v:>12.4f}" for v in cells))
+    lines.append(f"si.json: {r['json']}\nplot:    {r['plot']}")
+    return "\n".join(lines)
+
+
+@app.command("prune")
+@user_errors
+def prune_command(
+    checkpoint: CheckpointArg,
+    criterion: CriterionOpt = "si",
+    tolerance: ToleranceOpt = 0.01,
+    fraction: FractionOpt = 0.1,
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = None,
+    head_epochs: HeadEpochsOpt = 0,
+    lr: HeadLrOpt = 0.01,
+    head_batch_size: HeadBatchOpt = None,
+    scheduler: HeadSchedulerOpt = "cosine",
+    mode: ModeOpt = "single",
+    out: Annotated[Path | None, Opt(help="Result folder (default: <checkpoint>-prune).")] = None,
+    save: SaveOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Cut the tail feature layers that do not raise the index (on the training subset) by
+    more than --tolerance; rebuild the classifier; write pruned.safetensors and prune.json."""
+    from distml.compress import prune_checkpoint
+    from distml.config import PruneSettings, validate_settings
+
+    values = {
+        "checkpoint": checkpoint,
+        "criterion": criterion,
+        "tolerance": tolerance,
+        "fraction": fraction,
+        "dataset": dataset,
+        "data_dir": data_dir,
+        "device": device,
+        "batch_size": batch_size,
+        "head": head_values(head_epochs, lr, head_batch_size, scheduler, mode),
+        "out": out,
+        "save": save,
+    }
+    settings = validate_settings(PruneSettings, values, SI_FLAG_NAMES)
+    emit(prune_checkpoint(settings, show_progress=not quiet), json_, prune_report)
+
+
+def compression_lines(r: dict[str, Any]) -> list[str]:
+    before, after = r["parameters"]["before"], r["parameters"]["after"]
+    lines = [
+        f"parameters    {before['total']:,} -> {after['total']:,} "
+        f"({100 * r['parameters']['removed_fraction']:.1f}% removed; features "
+        f"{before['features']:,} -> {after['features']:,}, head {before['head']:,} -> "
+        f"{after['head']:,})",
+    ]
+    acc = r["test_accuracy"]
+    if acc["after"] is not None:
+        lines.append(
+            f"test accuracy {100 * acc['before']:.2f}% -> {100 * acc['after']:.2f}% "
+            f"(new head trained {r['head_training']['epochs']} epochs: "
+            f"{r['head_training']['run_dir']})"
+        )
+    elif r["head_rebuilt"]:
+        lines.append(
+            "test accuracy not measured: the rebuilt head is untrained (use --head-epochs N, "
+            "or distml train --init CHECKPOINT --freeze-features)"
+        )
+    lines.append(f"checkpoint    {r['checkpoint']}")
+    if r["head_training"] is not None:
+        lines.append(f"with new head {r['head_training']['checkpoint']}")
+    if r["saved"]:
+        lines.append(f"saved         {r['saved']}")
+    return lines
+
+
+def prune_report(r: dict[str, Any]) -> str:
+    label = "SI" if r["criterion"] == "si" else "Center SI"
+    lines = [f"{label} per layer ({r['samples']} training samples):"]
+    for i, (name, value) in enumerate(zip(r["layers"], r["curve"], strict=True), start=1):
+        mark = "  <- last kept layer" if i == r["kept_layers"] else ""
+        lines.append(f"  {name:<14}{value:.4f}{mark}")
+    lines.append(
+        f"kept {r['kept_layers']} of {len(r['layers'])} layers (tolerance {r['tolerance']:g}); "
+        f"removed: {', '.join(r['removed_layers']) or 'nothing'}"
+    )
+    return "\n".join(lines + compression_lines(r) + [f"plot          {r['plot']}"])
+
+
+@app.command("select-features")
+@user_errors
+def select_features_command(
+    checkpoint: CheckpointArg,
+    layer: Annotated[
+        str | None, Opt(help="Feature layer (default: the last one).", rich_help_panel=SI)
+    ] = None,
+    criterion: CriterionOpt = "si",
+    tolerance: ToleranceOpt = 0.01,
+    max_features: Annotated[
+        int | None,
+        Opt(help="Greedy steps (default: every channel of the layer).", rich_help_panel=SI),
+    ] = None,
+    fraction: FractionOpt = 0.1,
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = None,
+    head_epochs: HeadEpochsOpt = 0,
+    lr: HeadLrOpt = 0.01,
+    head_batch_size: HeadBatchOpt = None,
+    scheduler: HeadSchedulerOpt = "cosine",
+    mode: ModeOpt = "single",
+    out: Annotated[
+        Path | None, Opt(help="Result folder (default: <checkpoint>-select-<layer>).")
+    ] = None,
+    save: SaveOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Greedy forward selection of a layer's channels by the index on the training subset;
+    removes the others from the weights, rebuilds the classifier; writes
+    selected.safetensors, selection.json and selection.png."""
+    from distml.compress import select_checkpoint_features
+    from distml.config import SelectSettings, validate_settings
+
+    values = {
+        "checkpoint": checkpoint,
+        "layer": layer,
+        "criterion": criterion,
+        "tolerance": tolerance,
+        "max_features": max_features,
+        "fraction": fraction,
+        "dataset": dataset,
+        "data_dir": data_dir,
+        "device": device,
+        "batch_size": batch_size,
+        "head": head_values(head_epochs, lr, head_batch_size, scheduler, mode),
+        "out": out,
+        "save": save,
+    }
+    settings = validate_settings(SelectSettings, values, SI_FLAG_NAMES)
+    emit(select_checkpoint_features(settings, show_progress=not quiet), json_, select_report)
+
+
+def select_report(r: dict[str, Any]) -> str:
+    sel = r["selection"]
+    label = "SI" if r["criterion"] == "si" else "Center SI"
+    lines = [
+        f"greedy selection in {r['layer']} ({r['samples']} training samples): {label} "
+        f"{sel['curve'][0]:.4f} with 1 channel, best {sel['best']:.4f} with "
+        f"{sel['curve'].index(sel['best']) + 1}",
+        f"kept {r['channels_after']} of {r['channels_before']} channels of {r['sliced_conv']} "
+        f"({label} {sel['curve'][sel['kept'] - 1]:.4f}, tolerance {r['tolerance']:g})"
+        + (f"; input channels of {r['next_conv']} sliced to match" if r["next_conv"] else ""),
+    ]
+    return "\n".join(lines + compression_lines(r) + [f"plot          {r['plot']}"])
+
+
+@app.command("study")
+@user_errors
+def study_command(
+    config: Annotated[Path, Opt(help="Training settings of step 1 (e.g. configs/vgg16.toml).")],
+    set_: Annotated[
+        list[str] | None,
+        Opt("--set", help="dotted.key=value for the step-1 training settings; repeatable."),
+    ] = None,
+    out: Annotated[Path, Opt(help="Report folder (every step's outputs go inside).")] = Path(
+        "artifacts/study"
+    ),
+    epochs: Annotated[int | None, Opt(help="Step-1 epochs (default: the config's).")] = None,
+    dataset: Annotated[str | None, Opt(help="Default: the config's.")] = None,
+    data_dir: Annotated[Path | None, Opt(help="Default: the config's.")] = None,
+    device: Annotated[Literal["auto", "cuda", "cpu"] | None, Opt()] = None,
+    mode: Annotated[
+        Literal["single", "dp", "ddp"] | None, Opt(help="Mode of every training run.")
+    ] = None,
+    head_epochs: HeadEpochsOpt = 30,
+    lr: HeadLrOpt = 0.01,
+    fraction: FractionOpt = 0.1,
+    criterion: CriterionOpt = "si",
+    layer_tolerance: Annotated[float, Opt(help="prune --tolerance.", rich_help_panel=SI)] = 0.01,
+    feature_tolerance: Annotated[
+        float, Opt(help="select-features --tolerance.", rich_help_panel=SI)
+    ] = 0.01,
+    layer: Annotated[
+        str | None, Opt(help="select-features --layer (default: the last kept).")
+    ] = None,
+    max_features: Annotated[int | None, Opt(help="select-features --max-features.")] = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Part B in one command: train (1), new head on frozen features (2), SI per layer, prune,
+    select features, new heads (3), SI per layer of every model (4); writes report.md,
+    report.json and every plot into --out."""
+    from distml.config import StudySettings, TrainConfig, resolve_settings, validate_settings
+    from distml.study import run_study
+
+    flags = {
+        "train.epochs": epochs,
+        "data.dataset": dataset,
+        "data.data_dir": data_dir,
+        "train.device": device,
+        "dist.mode": mode,
+    }
+    training = resolve_settings(TrainConfig, config, flags, set_, FLAG_NAMES)
+    values = {
+        "training": training,
+        "out": out,
+        "head": {"epochs": head_epochs, "lr": lr, "mode": training.dist.mode},
+        "fraction": fraction,
+        "criterion": criterion,
+        "layer_tolerance": layer_tolerance,
+        "feature_tolerance": feature_tolerance,
+        "layer": layer,
+        "max_features": max_features,
+    }
+    settings = validate_settings(StudySettings, values, SI_FLAG_NAMES)
+    emit(run_study(settings, show_progress=not quiet), json_, study_report)
+
+
+def study_report(r: dict[str, Any]) -> str:
+    lines = [f"{'model':<28}{'parameters':>14}{'test accuracy':>15}"]
+    for row in r["models"]:
+        acc = "-" if row["test_accuracy"] is None else f"{100 * row['test_accuracy']:.2f}%"
+        lines.append(f"{row['name']:<28}{row['parameters']:>14,}{acc:>15}")
+    lines.append(f"report: {r['report_md']}")
     return "\n".join(lines)
 
 

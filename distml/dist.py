@@ -55,6 +55,7 @@ class TorchrunEnv:
     world_size: int
     local_world_size: int = 1
     omp_threads_set: bool = False
+    restart_count: int = 0  # > 0 when the elastic agent restarted the ranks after a failure
 
 
 def torchrun_env() -> TorchrunEnv | None:
@@ -67,6 +68,7 @@ def torchrun_env() -> TorchrunEnv | None:
         world_size=int(os.environ["WORLD_SIZE"]),
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
         omp_threads_set="OMP_NUM_THREADS" in os.environ,
+        restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
     )
 
 
@@ -189,28 +191,51 @@ def all_reduce_sum(values: torch.Tensor, ctx: RunContext) -> torch.Tensor:
     return values
 
 
-def all_gather_floats(values: list[float], ctx: RunContext) -> list[list[float]]:
-    """Every rank's list of floats (same length on every rank), in rank order."""
-    local = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+def all_gather_tensor(local: torch.Tensor, ctx: RunContext) -> list[torch.Tensor]:
+    """Every rank's tensor (same shape and dtype on every rank), in rank order, on the CPU."""
+    local = local.to(ctx.device)
     if not ctx.distributed:
-        return [local.tolist()]
+        return [local.cpu()]
     gathered = [torch.empty_like(local) for _ in range(ctx.world_size)]
     dist.all_gather(gathered, local)
-    return [t.tolist() for t in gathered]
+    return [t.cpu() for t in gathered]
+
+
+def all_gather_floats(values: list[float], ctx: RunContext) -> list[list[float]]:
+    """Every rank's list of floats (same length on every rank), in rank order."""
+    local = torch.tensor(values, dtype=torch.float64)
+    return [t.tolist() for t in all_gather_tensor(local, ctx)]
 
 
 def all_gather_strings(text: str, ctx: RunContext) -> list[str]:
     """Every rank's short string, as fixed-width byte tensors (nothing is pickled)."""
     raw = text.encode("utf-8")[:NAME_BYTES].ljust(NAME_BYTES, b"\0")
-    local = torch.tensor(list(raw), dtype=torch.uint8, device=ctx.device)
-    if not ctx.distributed:
-        return [text]
-    gathered = [torch.empty_like(local) for _ in range(ctx.world_size)]
-    dist.all_gather(gathered, local)
+    local = torch.tensor(list(raw), dtype=torch.uint8)
+    gathered = all_gather_tensor(local, ctx)
     return [bytes(t.tolist()).rstrip(b"\0").decode("utf-8", "replace") for t in gathered]
 
 
 # ----------------------------------------------------------------------------- launching
+
+
+USER_EXIT_CODES = (2, 3, 130, 143)  # DistmlError codes a rank hands back unchanged
+
+
+class Interrupted(DistmlError):
+    """SIGINT / SIGTERM: the run saved its state and stopped; it can be resumed."""
+
+    label = "stopped"
+
+
+def stopped_by_signal(signum: int, run_dir: Path, where: str = "") -> Interrupted:
+    import signal
+
+    error = Interrupted(
+        f"{signal.Signals(signum).name} received{where}: the training state is saved. "
+        f"Resume with: distml train --resume {run_dir}"
+    )
+    error.exit_code = 128 + signum
+    return error
 
 
 class RankFailure(DistmlError):
@@ -220,13 +245,20 @@ class RankFailure(DistmlError):
 
 
 @record  # writes the rank's exception to an error file the launcher reads back
-def ddp_worker(config_json: str, run_dir: str, show_progress: bool) -> dict[str, Any] | None:
-    """Entry point of every launched rank (module level so it can be spawned)."""
+def ddp_worker(
+    config_json: str, run_dir: str, show_progress: bool, resume: bool
+) -> dict[str, Any] | None:
+    """Entry point of every launched rank (module level so it can be spawned). After an
+    elastic restart the ranks resume from the run's saved state, if there is one."""
+    from distml.checkpoint import STATE_FILE
     from distml.train import run_rank  # imported here: train imports this module
 
     config = TrainConfig.model_validate_json(config_json)
+    env = torchrun_env()
+    restarted = env is not None and env.restart_count > 0
+    resume = resume or (restarted and (Path(run_dir) / STATE_FILE).exists())
     try:
-        return run_rank(config, Path(run_dir), show_progress=show_progress)
+        return run_rank(config, Path(run_dir), show_progress=show_progress, resume=resume)
     except DistmlError as exc:
         # a problem the user can fix: hand the message to the launcher, exit without a traceback
         from torch.distributed.elastic.multiprocessing.errors import get_error_handler
@@ -236,11 +268,12 @@ def ddp_worker(config_json: str, run_dir: str, show_progress: bool) -> dict[str,
 
 
 def launch_ddp(
-    config: TrainConfig, run_dir: Path, nproc: int, show_progress: bool
+    config: TrainConfig, run_dir: Path, nproc: int, show_progress: bool, resume: bool = False
 ) -> dict[str, Any]:
     """Start ``nproc`` ranks on this node with torch's elastic launcher and wait for them.
     Returns rank 0's summary (on node 0). A failed rank stops the whole job: the agent
     tears the others down and this raises RankFailure naming the rank and its error."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -266,10 +299,12 @@ def launch_ddp(
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         results = elastic_launch(launch, ddp_worker)(
-            config.model_dump_json(), str(run_dir), show_progress
+            config.model_dump_json(), str(run_dir), show_progress, resume
         )
     except ChildFailedError as exc:
         raise rank_failure(exc) from None
+    except SignalException as exc:  # the launcher itself was signalled; the ranks saved state
+        raise stopped_by_signal(int(exc.sigval), run_dir) from None
     summary = results.get(0)
     if summary is None and settings.node_rank == 0:
         raise RankFailure("rank 0 finished without a summary; see the messages above.")
@@ -285,8 +320,9 @@ def rank_failure(exc: Any) -> DistmlError:
     if isinstance(message, dict):
         message = message.get("message", str(message))
     text = str(message).strip()
-    if failure.exitcode in (2, 3) and ": " in text:
-        error = DistmlError(text.split(": ", 1)[1])
+    if failure.exitcode in USER_EXIT_CODES and ": " in text:
+        kind = Interrupted if failure.exitcode in (130, 143) else DistmlError
+        error = kind(text.split(": ", 1)[1])
         error.exit_code = failure.exitcode
         return error
     if failure.exitcode < 0:

@@ -6,6 +6,7 @@ class DistmlError(Exception):
     """A problem with the user's input (settings, data, checkpoint, device) and how to fix it."""
 
     exit_code = 2
+    label = "error"  # how the CLI introduces the message: "distml: error: ..."
 
 
 class SettingsError(DistmlError):

@@ -123,20 +123,26 @@ def overfitting_verdict(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     loss_rising = rise > OVERFIT_LOSS_RISE and epochs_after >= OVERFIT_MIN_EPOCHS and train_fell
     detected = loss_rising or gap > OVERFIT_GAP_POINTS
     where = f"epoch {best['epoch']} of {last['epoch']}"
-    if loss_rising:
-        trend = (
-            f"validation loss rose {100 * rise:.0f}% above its minimum ({where}) while the "
-            "training loss kept falling"
-        )
-    elif rise > OVERFIT_LOSS_RISE:
+    if rise > OVERFIT_LOSS_RISE:
         trend = f"validation loss is {100 * rise:.0f}% above its minimum ({where})"
     else:
         trend = f"validation loss is at or near its minimum ({where})"
-    label = "Overfitting" if detected else "No clear overfitting"
+    if loss_rising:
+        verdict = (
+            f"Overfitting: validation loss rose {100 * rise:.0f}% above its minimum ({where}) "
+            f"while the training loss kept falling; train/validation accuracy gap {gap:.1f} points."
+        )
+    elif detected:
+        verdict = (
+            f"Overfitting: training accuracy is {gap:.1f} points above validation accuracy, "
+            f"although the {trend}."
+        )
+    else:
+        verdict = f"No clear overfitting: {trend}; train/validation accuracy gap {gap:.1f} points."
     return {
         "detected": detected,
         "gap_points": round(gap, 2),
         "val_loss_min_epoch": best["epoch"],
         "val_loss_rise": round(rise, 4),
-        "verdict": f"{label}: {trend}; train/validation accuracy gap {gap:.1f} points.",
+        "verdict": verdict,
     }

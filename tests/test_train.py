@@ -219,6 +219,11 @@ def test_overfitting_verdict():
     verdict = overfitting_verdict(rising)
     assert verdict["detected"] and verdict["val_loss_min_epoch"] == 2
     assert "rose" in verdict["verdict"]
+    gap = [row(1, 1.0, 0.9, 0.6, 0.55), row(2, 0.4, 0.8, 0.9, 0.7)]
+    assert overfitting_verdict(gap)["detected"]
+    assert overfitting_verdict(gap)["verdict"].startswith(
+        "Overfitting: training accuracy is 20.0 points above validation accuracy"
+    )
     healthy = [row(1, 1.0, 0.9, 0.6, 0.62), row(2, 0.7, 0.6, 0.75, 0.76)]
     assert overfitting_verdict(healthy)["detected"] is False
     assert overfitting_verdict([{**healthy[0], "val_loss": None}])["detected"] is None
