@@ -73,7 +73,8 @@ def test_sigterm_stops_cleanly_and_resumes(uninterrupted, tmp_path: Path):
     _, stderr = job.communicate(timeout=60)
     assert job.returncode == 143, stderr
     assert "Traceback" not in stderr
-    assert re.search(r"distml: stopped: SIGTERM received (at step \d+ of|after) epoch \d+", stderr), stderr
+    stopped = r"distml: stopped: SIGTERM received (at step \d+ of|after) epoch \d+"
+    assert re.search(stopped, stderr), stderr
     assert f"distml train --resume {run}" in stderr
     resumed = last_json(run_cli("train", "--resume", run, "--json", "--quiet"))
     assert resumed["epochs_run"] == 8
