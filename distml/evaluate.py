@@ -51,7 +51,7 @@ def checkpoint_data(
     return data, make_splits(data, float(values.get("val_fraction", 0.1)), seed)
 
 
-def check_compatible(ckpt: Checkpoint, data: ImageDataset) -> None:
+def check_input_shape(ckpt: Checkpoint, data: ImageDataset) -> None:
     spec = ckpt.spec
     if (spec.image_size, spec.in_channels) != (data.image_size, data.channels):
         raise DistmlError(
@@ -59,6 +59,11 @@ def check_compatible(ckpt: Checkpoint, data: ImageDataset) -> None:
             f"{spec.in_channels} images but dataset {data.name} has {data.image_size}x"
             f"{data.image_size}x{data.channels}. Use data of the checkpoint's input shape."
         )
+
+
+def check_compatible(ckpt: Checkpoint, data: ImageDataset) -> None:
+    """Same input shape and the same classes, in the same order."""
+    check_input_shape(ckpt, data)
     if list(ckpt.classes) != list(data.classes):
         raise DistmlError(
             f"checkpoint {ckpt.path} was trained on {len(ckpt.classes)} classes "

@@ -69,6 +69,7 @@ from distml.dist import (
     torchrun_env,
 )
 from distml.errors import DistmlError
+from distml.evaluate import check_input_shape
 from distml.metrics import autocast_context, evaluate, overfitting_verdict, write_metrics
 from distml.models import Classifier, ModelSpec, build_model, count_parameters, describe
 from distml.plots import plot_curves
@@ -259,7 +260,7 @@ def check_inputs(config: TrainConfig) -> None:
         raise DistmlError(f"--save {save} is a directory; give a file path ending in .safetensors.")
     dataset = load_dataset(config.data)
     if config.model.init is not None:
-        check_init_fits(load_checkpoint(config.model.init), dataset)
+        check_input_shape(load_checkpoint(config.model.init), dataset)
 
 
 def create_run_dir(config: TrainConfig) -> Path:
@@ -274,16 +275,6 @@ def create_run_dir(config: TrainConfig) -> Path:
 
 
 # ----------------------------------------------------------------------------- model set-up
-
-
-def check_init_fits(ckpt: Checkpoint, dataset: ImageDataset) -> None:
-    spec = ckpt.spec
-    if (spec.image_size, spec.in_channels) != (dataset.image_size, dataset.channels):
-        raise DistmlError(
-            f"checkpoint {ckpt.path} expects {spec.image_size}x{spec.image_size}x"
-            f"{spec.in_channels} images, the dataset has {dataset.image_size}x"
-            f"{dataset.image_size}x{dataset.channels}. Use a dataset of the checkpoint's shape."
-        )
 
 
 def initial_model(
@@ -306,7 +297,7 @@ def initial_model(
         )
         return build_model(spec), spec, None
     ckpt = load_checkpoint(settings.init)
-    check_init_fits(ckpt, dataset)
+    check_input_shape(ckpt, dataset)
     if not settings.freeze_features and ckpt.classes == dataset.classes:
         return model_from_checkpoint(ckpt), ckpt.spec, ckpt
     spec = ckpt.spec.model_copy(
