@@ -260,7 +260,9 @@ def check_inputs(config: TrainConfig) -> None:
         raise DistmlError(f"--save {save} is a directory; give a file path ending in .safetensors.")
     dataset = load_dataset(config.data)
     if config.model.init is not None:
-        check_input_shape(load_checkpoint(config.model.init), dataset)
+        ckpt = load_checkpoint(config.model.init)
+        check_input_shape(ckpt, dataset)
+        model_from_checkpoint(ckpt)  # its tensors must fit its spec
 
 
 def create_run_dir(config: TrainConfig) -> Path:

@@ -18,13 +18,37 @@ def assert_clean_failure(result, *fragments: str) -> None:
 
 @pytest.fixture
 def workdir(tmp_path: Path, tiny_run, monkeypatch) -> Path:
-    """A folder with a finished run and a few files, as the current directory."""
+    """A folder with a finished run and a few damaged or foreign files, as the current
+    directory."""
+    import json
     import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
 
     shutil.copytree(tiny_run["run_dir"], tmp_path / "run")
     (tmp_path / "notes.txt").write_text("keep me")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00garbage" * 20)
     save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    (tmp_path / "typo.toml").write_text("[train]\nepohcs = 3\n[modle]\narch = 'cnn'\n")
+    # a dataset whose images are float32, and one whose images are not square
+    float_images = {
+        "train_images": torch.zeros(8, 32, 32, 3),
+        "train_labels": torch.zeros(8, dtype=torch.int64),
+        "test_images": torch.zeros(4, 32, 32, 3, dtype=torch.uint8),
+        "test_labels": torch.zeros(4, dtype=torch.int64),
+    }
+    classes = {"classes": json.dumps([f"c{i}" for i in range(10)])}
+    save_file(float_images, str(tmp_path / "float.safetensors"), metadata=classes)
+    oblong = float_images | {"train_images": torch.zeros(8, 32, 24, 3, dtype=torch.uint8)}
+    save_file(oblong, str(tmp_path / "oblong.safetensors"), metadata=classes)
+    # a checkpoint whose spec names another architecture than its tensors
+    best = tmp_path / "run" / "best.safetensors"
+    with safe_open(str(best), "pt") as handle:
+        meta = handle.metadata()
+    spec = json.loads(meta["model_spec"]) | {"arch": "vgg16"}
+    meta["model_spec"] = json.dumps(spec)
+    save_file(load_file(str(best)), str(tmp_path / "otherarch.safetensors"), metadata=meta)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -49,6 +73,11 @@ TRAIN_CASES = [
     (["--mode", "ddp", "--backend", "nccl"], ["nccl backend needs CUDA"]),
     (["--mode", "ddp", "--nproc", "2", "--batch-size", "33"], ["cannot be split evenly"]),
     (["--amp", "--precision", "bf16-mixed"], ["--amp means --precision 16-mixed"]),
+    (["--config", "typo.toml"], ["did you mean train.epochs", "modle: unknown setting"]),
+    (["--dataset", "float.safetensors"], ["train_images must be uint8"]),
+    (["--dataset", "oblong.safetensors"], ["must be square"]),
+    (["--init", "otherarch.safetensors"], ["do not fit its own model spec"]),
+    (["--init", "run/best.safetensors", "--dataset", "oblong.safetensors"], ["must be square"]),
 ]
 
 
@@ -79,6 +108,8 @@ EVAL_CASES = [
     (["run/best.safetensors", "--dataset", "junk.safetensors"], ["cannot be read"]),
     (["run/best.safetensors", "--batch-size", "0"], ["batch_size (--batch-size)"]),
     (["run/best.safetensors", "--out", "notes.txt"], ["is a file"]),
+    (["otherarch.safetensors"], ["do not fit its own model spec"]),
+    (["run/best.safetensors", "--dataset", "float.safetensors"], ["must be uint8"]),
 ]
 
 
