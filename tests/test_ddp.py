@@ -130,3 +130,17 @@ def test_a_killed_rank_stops_the_job_with_a_message(tmp_path: Path):
     assert "other ranks were stopped" in stderr
     # the last good checkpoint is intact
     assert load_file(str(run / "last.safetensors"))
+
+
+def test_more_ranks_than_gpus_is_refused(monkeypatch):
+    from distml.config import TrainConfig
+    from distml.dist import planned_ranks
+    from distml.errors import DistmlError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    config = TrainConfig.model_validate({"dist": {"mode": "ddp", "nproc": 2}})
+    with pytest.raises(DistmlError, match=r"--nproc 2 asks for more ranks than the 1 visible"):
+        planned_ranks(config, torch.device("cuda"))
+    every_gpu = TrainConfig.model_validate({"dist": {"mode": "ddp"}})
+    assert planned_ranks(every_gpu, torch.device("cuda")) == 1  # default: every visible GPU
+    assert planned_ranks(every_gpu, torch.device("cpu")) == 2
