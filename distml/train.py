@@ -831,8 +831,14 @@ def finish_run(
     summary.json, curves.png and the final best checkpoint (rank 0)."""
     assert best_state is not None
     s.bare.load_state_dict(best_state)
-    test = evaluate_split(s, "test", config, ctx)
-    train_clean = evaluate_split(s, "train", config, ctx)
+    # cuDNN's autotuner picks algorithms by timing; the final numbers use the same heuristic
+    # choice as `distml eval`, so that eval reproduces them exactly
+    benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    try:
+        test = evaluate_split(s, "test", config, ctx)
+        train_clean = evaluate_split(s, "train", config, ctx)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
     devices = all_gather_strings(device_name(ctx.device), ctx)
     peak_per_rank = [p[0] for p in all_gather_floats([max(loop.peaks)], ctx)]
     if ctx.mode == "dp" and ctx.device.type == "cuda":
