@@ -474,7 +474,10 @@ HeadSchedulerOpt = Annotated[
 ModeOpt = Annotated[
     Literal["single", "dp", "ddp"], Opt(help="Head training mode.", rich_help_panel=HEAD)
 ]
-SaveOpt = Annotated[Path | None, Opt(help="Also write the compressed checkpoint here.")]
+SaveOpt = Annotated[
+    Path | None,
+    Opt(help="Also write the final model here (the head-trained one with --head-epochs)."),
+]
 JsonOpt = Annotated[bool, Opt("--json", help="Print the result as one JSON object.")]
 QuietOpt = Annotated[bool, Opt("--quiet", "-q", help="No progress output.")]
 
@@ -590,7 +593,7 @@ def compression_lines(r: dict[str, Any]) -> list[str]:
     if acc["after"] is not None:
         lines.append(
             f"test accuracy {100 * acc['before']:.2f}% -> {100 * acc['after']:.2f}% "
-            f"(new head trained {r['head_training']['epochs']} epochs: "
+            f"(new head trained, epochs: {r['head_training']['epochs']}, "
             f"{r['head_training']['run_dir']})"
         )
     elif r["head_rebuilt"]:
@@ -706,7 +709,9 @@ def study_command(
     mode: Annotated[
         Literal["single", "dp", "ddp"] | None, Opt(help="Mode of every training run.")
     ] = None,
-    head_epochs: HeadEpochsOpt = 30,
+    head_epochs: Annotated[
+        int, Opt(help="Epochs of every new classifier head (steps 2 and 3).")
+    ] = 30,
     lr: HeadLrOpt = 0.01,
     fraction: FractionOpt = 0.1,
     criterion: CriterionOpt = "si",

@@ -306,3 +306,86 @@ def validate_settings(
         return model.model_validate(values)
     except ValidationError as exc:
         raise SettingsError(format_validation_error(exc, model, flag_names)) from None
+
+
+# ----------------------------------------------------------------------------- SI study
+# Settings of `distml si`, `prune`, `select-features` and `study` (distml/taps.py,
+# distml/compress.py, distml/study.py). Unset data fields mean "the checkpoint's own".
+
+Criterion = Literal["si", "center-si"]
+SplitName = Literal["train", "val", "test"]
+
+
+class LayerTapSettings(Section):
+    """What every per-layer SI command needs: a checkpoint, its data and the subset."""
+
+    checkpoint: Path
+    dataset: str | None = Field(None, description="default: the checkpoint's dataset")
+    data_dir: Path | None = Field(None, description="default: the checkpoint's data folder")
+    fraction: float = Field(
+        0.1, gt=0, le=1, description="class-balanced fraction of each split that is measured"
+    )
+    device: DeviceChoice = "auto"
+    batch_size: int | None = Field(
+        None, ge=1, description="images per forward pass (default: the checkpoint's eval batch)"
+    )
+    out: Path | None = Field(None, description="output folder (default: beside the checkpoint)")
+
+
+class SiSettings(LayerTapSettings):
+    """``distml si``: SI and Center SI of every feature layer, per split."""
+
+    splits: list[SplitName] = Field(default_factory=lambda: ["train", "test"], min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_splits(self) -> SiSettings:
+        if len(set(self.splits)) != len(self.splits):
+            raise ValueError(f"splits must not repeat a split, got {','.join(self.splits)}")
+        return self
+
+
+class HeadSettings(Section):
+    """Training of a rebuilt classifier head on frozen features (the ``--head-*`` flags)."""
+
+    epochs: int = Field(0, ge=0, le=100_000, description="0 = do not train the new head")
+    lr: float = Field(0.01, gt=0, le=100)
+    batch_size: int | None = Field(None, ge=1, description="default: the checkpoint's run")
+    scheduler: Scheduler = "cosine"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    mode: Mode = "single"
+
+
+class PruneSettings(LayerTapSettings):
+    """``distml prune``: cut the tail layers whose index does not rise by more than tolerance."""
+
+    criterion: Criterion = "si"
+    tolerance: float = Field(0.01, ge=0, le=1, description="index units (a fraction of samples)")
+    save: Path | None = Field(None, description="also write the compressed checkpoint here")
+    head: HeadSettings = Field(default_factory=HeadSettings)
+
+
+class SelectSettings(PruneSettings):
+    """``distml select-features``: greedy channel selection in one layer, then slicing."""
+
+    layer: str | None = Field(None, description="default: the last feature layer")
+    max_features: int | None = Field(None, ge=1, description="greedy steps (default: all)")
+
+
+class StudySettings(Section):
+    """``distml study``: Part B steps 1-4 from one training config, into one report folder."""
+
+    training: TrainConfig
+    out: Path = Path("artifacts/study")
+    head: HeadSettings = Field(default_factory=lambda: HeadSettings(epochs=30))
+    fraction: float = Field(0.1, gt=0, le=1)
+    criterion: Criterion = "si"
+    layer_tolerance: float = Field(0.01, ge=0, le=1)
+    feature_tolerance: float = Field(0.01, ge=0, le=1)
+    layer: str | None = None
+    max_features: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _head_trains(self) -> StudySettings:
+        if self.head.epochs < 1:
+            raise ValueError("the study trains new heads: head.epochs (--head-epochs) must be >= 1")
+        return self

@@ -77,3 +77,66 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path, titl
     fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
     ax.set_title(title)
     save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- SI study
+
+
+def plot_layer_indices(
+    layers: Sequence[str],
+    series: dict[str, dict[str, Sequence[float]]],
+    path: Path,
+    title: str,
+    cut_after: int | None = None,
+) -> None:
+    """Indices per feature layer: ``series[index name][split]`` = one value per layer.
+
+    One colour per split, one line style per index; ``cut_after`` (layers kept by a cut)
+    draws a line after the last kept layer."""
+    styles = ["o-", "s--", "^:", "d-."]
+    colours = {"train": "tab:blue", "test": "tab:orange", "val": "tab:green"}
+    x = range(len(layers))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(layers) + 2), 4.5))
+    for style, (index_name, per_split) in zip(styles, series.items(), strict=False):
+        for split, values in per_split.items():
+            ax.plot(
+                x,
+                list(values),
+                style,
+                ms=4,
+                color=colours.get(split),
+                label=f"{index_name} ({split})",
+            )
+    if cut_after is not None and cut_after < len(layers):
+        ax.axvline(cut_after - 0.5, color="grey", ls=":", lw=1.5, label="cut")
+    ax.set_xticks(list(x), list(layers), rotation=60, ha="right")
+    ax.set_xlabel("feature layer")
+    ax.set_ylabel("index (fraction of samples)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    save_figure(fig, path)
+
+
+def plot_selection_curve(
+    curve: Sequence[float], kept: int, tolerance: float, path: Path, title: str, ylabel: str
+) -> None:
+    """Index against the number of greedily selected channels; the kept prefix is shaded and
+    the band ``best - tolerance`` it had to reach is drawn."""
+    counts = list(range(1, len(curve) + 1))
+    best = max(curve)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.axvspan(0.5, kept + 0.5, color="tab:green", alpha=0.12, label=f"kept: first {kept}")
+    ax.plot(counts, list(curve), "o-", ms=3, color="tab:blue", label=ylabel)
+    ax.axhline(best, color="grey", lw=1, label=f"best {best:.4f}")
+    if tolerance > 0:
+        ax.axhline(best - tolerance, color="grey", ls=":", lw=1, label=f"best - {tolerance:g}")
+    ax.plot([kept], [curve[kept - 1]], "*", ms=14, color="tab:red", label=f"{kept} channels")
+    ax.set_xlabel("selected channels")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    save_figure(fig, path)
