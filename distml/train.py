@@ -657,7 +657,7 @@ def fit(
         best_state = state.best or (state.model if loop.best_epoch else None)
         restore_rng(state.rng, ctx)
         reporter.line(f"resuming {run_dir} at epoch {loop.epoch}, step {loop.step}")
-    notes = mode_notes(ctx)
+    notes = mode_notes(ctx, t.precision)
     for note in notes:
         reporter.line(f"note: {note}")
     reporter.line(
@@ -750,13 +750,21 @@ def stop_requested_everywhere(stop: StopRequest, ctx: RunContext) -> bool:
     return bool(all_reduce_sum(flag, ctx).item() > 0)
 
 
-def mode_notes(ctx: RunContext) -> list[str]:
+def mode_notes(ctx: RunContext, precision: str) -> list[str]:
+    """Things about this run's set-up that a reader of the summary should know."""
+    notes = []
     if ctx.mode == "dp" and ctx.world_size < 2:
-        return [
+        notes.append(
             "dp mode: nn.DataParallel needs at least 2 GPUs to split a batch and "
             f"{torch.cuda.device_count()} are visible, so this run used one device"
-        ]
-    return []
+        )
+    if precision == "16-mixed" and ctx.device.type == "cpu":
+        notes.append(
+            "fp16 autocast on the CPU is slow (about 10x slower than fp32 in "
+            "docs/benchmarks.md: CPUs lack fast fp16 kernels); bf16-mixed is the fast choice "
+            "on the CPU"
+        )
+    return notes
 
 
 # ----------------------------------------------------------------------------- state and RNG

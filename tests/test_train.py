@@ -143,6 +143,7 @@ def test_mixed_precision_runs(tmp_path: Path, precision: str):
 def test_amp_is_fp16(tmp_path: Path):
     summary = train_json(*TINY, "--epochs", "1", "--amp", "--out", tmp_path / "amp")
     assert summary["precision"] == "16-mixed"
+    assert any("bf16-mixed is the fast choice on the CPU" in n for n in summary["notes"])
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "rmsprop"])
