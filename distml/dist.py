@@ -56,6 +56,9 @@ class TorchrunEnv:
     local_world_size: int = 1
     omp_threads_set: bool = False
     restart_count: int = 0  # > 0 when the elastic agent restarted the ranks after a failure
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    agent_store: bool = False  # the launcher hosts the rendezvous store (torchrun does)
 
 
 def torchrun_env() -> TorchrunEnv | None:
@@ -69,6 +72,9 @@ def torchrun_env() -> TorchrunEnv | None:
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
         omp_threads_set="OMP_NUM_THREADS" in os.environ,
         restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=int(os.environ.get("MASTER_PORT", "29500")),
+        agent_store=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
     )
 
 
@@ -163,12 +169,31 @@ def setup_ddp(config: TrainConfig, env: TorchrunEnv) -> RunContext:
         # threads and throughput collapses (torchrun sets OMP_NUM_THREADS=1 for the same reason)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     if not dist.is_initialized():
+        timeout = timedelta(seconds=config.dist.timeout_seconds)
         dist.init_process_group(
             backend=backend,
-            timeout=timedelta(seconds=config.dist.timeout_seconds),
+            store=attempt_store(env, timeout),
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
     return RunContext("ddp", env.rank, env.local_rank, env.world_size, device, backend)
+
+
+def attempt_store(env: TorchrunEnv, timeout: timedelta) -> dist.Store:
+    """The rendezvous store, with keys private to this restart attempt. After an elastic
+    restart the launcher's store still holds the dead attempt's keys (such as each rank's
+    address for gloo's mesh); without a fresh prefix a new rank can read an old address
+    before its peer overwrites it, and fail to connect."""
+    store = dist.TCPStore(
+        env.master_addr,
+        env.master_port,
+        env.world_size,
+        is_master=not env.agent_store and env.rank == 0,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"distml/attempt-{env.restart_count}", store)
 
 
 def teardown(ctx: RunContext) -> None:
