@@ -29,7 +29,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 
 # flag name (as Typer passes it) -> dotted settings key, for `distml train`
@@ -288,7 +288,7 @@ def train(
     ] = None,
     out: Annotated[
         Path | None,
-        Opt(help="Run directory (default: artifacts/runs/<name>).", rich_help_panel=OUT),
+        Opt(help="Run directory (default: artifacts/runs/NAME).", rich_help_panel=OUT),
     ] = None,
     name: Annotated[
         str | None, Opt(help="Run name under artifacts/runs.", rich_help_panel=OUT)
@@ -317,8 +317,10 @@ def train(
         ),
     ] = None,
 ) -> None:
-    """Train a classifier; writes config.json, metrics.csv, curves.png, summary.json and
-    best/last checkpoints into the run directory."""
+    """Train a classifier (single device, DataParallel or DDP).
+
+    Writes config.json, metrics.csv, curves.png, summary.json and best/last checkpoints into
+    the run directory (artifacts/runs/NAME)."""
     from distml.config import TrainConfig, resolve_settings
 
     values = locals()
@@ -502,8 +504,10 @@ def si_command(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """SI and Center SI of every feature layer, on class-balanced subsets of each split;
-    writes si.json and si.png (default folder: <checkpoint>-si beside the checkpoint)."""
+    """Separation Index and Center SI of every feature layer, train and test.
+
+    Measured on class-balanced subsets of each split; writes si.json and si.png (default
+    folder: CHECKPOINT-si beside the checkpoint)."""
     from distml.config import SiSettings, validate_settings
     from distml.taps import measure_layers
 
@@ -554,13 +558,15 @@ def prune_command(
     head_batch_size: HeadBatchOpt = None,
     scheduler: HeadSchedulerOpt = "cosine",
     mode: ModeOpt = "single",
-    out: Annotated[Path | None, Opt(help="Result folder (default: <checkpoint>-prune).")] = None,
+    out: Annotated[Path | None, Opt(help="Result folder (default: CHECKPOINT-prune).")] = None,
     save: SaveOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Cut the tail feature layers that do not raise the index (on the training subset) by
-    more than --tolerance; rebuild the classifier; write pruned.safetensors and prune.json."""
+    """Cut the tail layers that do not raise the Separation Index; rebuild the classifier.
+
+    The layer curve is measured on the training subset; layers after the shortest prefix
+    within --tolerance of the best are cut. Writes pruned.safetensors and prune.json."""
     from distml.compress import prune_checkpoint
     from distml.config import PruneSettings, validate_settings
 
@@ -646,15 +652,17 @@ def select_features_command(
     scheduler: HeadSchedulerOpt = "cosine",
     mode: ModeOpt = "single",
     out: Annotated[
-        Path | None, Opt(help="Result folder (default: <checkpoint>-select-<layer>).")
+        Path | None, Opt(help="Result folder (default: CHECKPOINT-select-LAYER).")
     ] = None,
     save: SaveOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Greedy forward selection of a layer's channels by the index on the training subset;
-    removes the others from the weights, rebuilds the classifier; writes
-    selected.safetensors, selection.json and selection.png."""
+    """Select a layer's channels by the Separation Index; remove the others.
+
+    Greedy forward selection on the training subset; the unselected channels are removed from
+    the weights and the classifier is rebuilt. Writes selected.safetensors, selection.json and
+    selection.png."""
     from distml.compress import select_checkpoint_features
     from distml.config import SelectSettings, validate_settings
 
@@ -726,9 +734,11 @@ def study_command(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Part B in one command: train (1), new head on frozen features (2), SI per layer, prune,
-    select features, new heads (3), SI per layer of every model (4); writes report.md,
-    report.json and every plot into --out."""
+    """The VGG16 Separation-Index study (Part B) in one command, with one report.
+
+    Train (1), new head on frozen features (2), SI per layer, prune, select features, new
+    heads (3), SI per layer of every model (4); writes report.md, report.json and every plot
+    into --out."""
     from distml.config import StudySettings, TrainConfig, resolve_settings, validate_settings
     from distml.study import run_study
 
