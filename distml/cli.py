@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import typer
 
@@ -21,6 +21,10 @@ from distml import __version__
 from distml.errors import DistmlError
 
 F = TypeVar("F", bound=Callable[..., Any])
+M = TypeVar("M", bound="BaseModel")
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 app = typer.Typer(
     name="distml",
@@ -484,8 +488,24 @@ JsonOpt = Annotated[bool, Opt("--json", help="Print the result as one JSON objec
 QuietOpt = Annotated[bool, Opt("--quiet", "-q", help="No progress output.")]
 
 
-def head_values(epochs: int, lr: float, batch: int | None, scheduler: str, mode: str) -> dict:
-    return {"epochs": epochs, "lr": lr, "batch_size": batch, "scheduler": scheduler, "mode": mode}
+# the head-training flags of prune/select-features -> keys of their `head` section
+HEAD_FLAGS = {
+    "head_epochs": "epochs",
+    "lr": "lr",
+    "head_batch_size": "batch_size",
+    "scheduler": "scheduler",
+    "mode": "mode",
+}
+
+
+def compression_settings(model: type[M], arguments: dict[str, Any]) -> M:
+    """Validated prune / select-features settings from a command's arguments, the
+    head-training flags gathered into the ``head`` section."""
+    from distml.config import validate_settings
+
+    values = {k: v for k, v in arguments.items() if k in model.model_fields}
+    values["head"] = {key: arguments[flag] for flag, key in HEAD_FLAGS.items()}
+    return validate_settings(model, values, SI_FLAG_NAMES)
 
 
 @app.command("si")
@@ -568,22 +588,9 @@ def prune_command(
     The layer curve is measured on the training subset; layers after the shortest prefix
     within --tolerance of the best are cut. Writes pruned.safetensors and prune.json."""
     from distml.compress import prune_checkpoint
-    from distml.config import PruneSettings, validate_settings
+    from distml.config import PruneSettings
 
-    values = {
-        "checkpoint": checkpoint,
-        "criterion": criterion,
-        "tolerance": tolerance,
-        "fraction": fraction,
-        "dataset": dataset,
-        "data_dir": data_dir,
-        "device": device,
-        "batch_size": batch_size,
-        "head": head_values(head_epochs, lr, head_batch_size, scheduler, mode),
-        "out": out,
-        "save": save,
-    }
-    settings = validate_settings(PruneSettings, values, SI_FLAG_NAMES)
+    settings = compression_settings(PruneSettings, locals())
     emit(prune_checkpoint(settings, show_progress=not quiet), json_, prune_report)
 
 
@@ -664,24 +671,9 @@ def select_features_command(
     the weights and the classifier is rebuilt. Writes selected.safetensors, selection.json and
     selection.png."""
     from distml.compress import select_checkpoint_features
-    from distml.config import SelectSettings, validate_settings
+    from distml.config import SelectSettings
 
-    values = {
-        "checkpoint": checkpoint,
-        "layer": layer,
-        "criterion": criterion,
-        "tolerance": tolerance,
-        "max_features": max_features,
-        "fraction": fraction,
-        "dataset": dataset,
-        "data_dir": data_dir,
-        "device": device,
-        "batch_size": batch_size,
-        "head": head_values(head_epochs, lr, head_batch_size, scheduler, mode),
-        "out": out,
-        "save": save,
-    }
-    settings = validate_settings(SelectSettings, values, SI_FLAG_NAMES)
+    settings = compression_settings(SelectSettings, locals())
     emit(select_checkpoint_features(settings, show_progress=not quiet), json_, select_report)
 
 
