@@ -79,6 +79,8 @@ def torchrun_env() -> TorchrunEnv | None:
 
 
 def resolve_device(choice: str) -> torch.device:
+    """The device of a one-process command: the first GPU, or the CPU. (A DDP rank takes the
+    GPU of its local rank instead, in setup_ddp.)"""
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise DistmlError(
@@ -86,7 +88,7 @@ def resolve_device(choice: str) -> torch.device:
                 "(torch.cuda.is_available() is False). Use --device cpu (or auto), or check the "
                 "driver / `docker run --gpus all`."
             )
-        return torch.device("cuda")
+        return torch.device("cuda", 0)
     return torch.device("cpu")
 
 

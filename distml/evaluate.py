@@ -84,8 +84,6 @@ def evaluate_checkpoint(settings: EvalSettings, *, show_progress: bool = True) -
         raise DistmlError(f"--out {out} is a file; give a folder for eval.json/confusion.png.")
     ckpt = load_checkpoint(settings.checkpoint)
     device = resolve_device(settings.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", 0)
     data, splits = checkpoint_data(ckpt, settings.dataset, settings.data_dir)
     images, labels = splits.split(settings.split)
     if len(labels) == 0:

@@ -73,11 +73,6 @@ class TapSource:
         return [layer.name for layer in feature_plan(self.ckpt.spec)]
 
 
-def tap_device(choice: str) -> torch.device:
-    device = resolve_device(choice)
-    return torch.device("cuda", 0) if device.type == "cuda" else device
-
-
 def subset_of_split(
     split: str,
     images: torch.Tensor,
@@ -108,7 +103,7 @@ def open_taps(
 ) -> TapSource:
     """Load the checkpoint's data (checking classes and input shape), draw the subsets and
     put the model on the device."""
-    device = tap_device(settings.device)
+    device = resolve_device(settings.device)
     data, all_splits = checkpoint_data(ckpt, settings.dataset, settings.data_dir)
     train_settings = ckpt.settings.get("train") or {}
     seed = int(train_settings.get("seed", 0))

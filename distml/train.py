@@ -197,7 +197,6 @@ class StopRequest:
 def local_context(config: TrainConfig) -> RunContext:
     device = resolve_device(config.train.device)
     if device.type == "cuda":
-        device = torch.device("cuda", 0)
         torch.cuda.set_device(device)
     world = torch.cuda.device_count() if config.dist.mode == "dp" and device.type == "cuda" else 1
     return RunContext(config.dist.mode, 0, 0, world, device, None)
