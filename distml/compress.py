@@ -56,6 +56,7 @@ from distml.config import (
 )
 from distml.dist import device_name
 from distml.errors import DistmlError
+from distml.evaluate import check_out_dir, default_out
 from distml.models import (
     Classifier,
     LayerPlan,
@@ -70,14 +71,7 @@ from distml.models import (
 from distml.plots import plot_layer_indices, plot_selection_curve
 from distml.progress import Reporter
 from distml.si import SelectionResult, select_features
-from distml.taps import (
-    TapSource,
-    check_out_dir,
-    default_out,
-    index_curve,
-    layer_features,
-    open_taps,
-)
+from distml.taps import TapSource, index_curve, layer_features, open_taps
 
 TOLERANCE_SLACK = 1e-9
 SLICEABLE_NORMS = ("batch", "instance", "none")

@@ -73,15 +73,20 @@ def check_compatible(ckpt: Checkpoint, data: ImageDataset) -> None:
         )
 
 
-def default_out(checkpoint: Path, split: str) -> Path:
-    return checkpoint.parent / f"{checkpoint.stem}-eval-{split}"
+def default_out(checkpoint: Path, suffix: str) -> Path:
+    """Where a command that reads a checkpoint puts its results: ``<stem>-<suffix>/`` beside it."""
+    return checkpoint.parent / f"{checkpoint.stem}-{suffix}"
+
+
+def check_out_dir(out: Path, flag: str = "--out") -> None:
+    if out.exists() and not out.is_dir():
+        raise DistmlError(f"{flag} {out} is a file; give a folder for the results.")
 
 
 def evaluate_checkpoint(settings: EvalSettings, *, show_progress: bool = True) -> dict[str, Any]:
     """Evaluate, write ``eval.json`` and ``confusion.png``; return the result."""
-    out = settings.out or default_out(settings.checkpoint, settings.split)
-    if out.exists() and not out.is_dir():
-        raise DistmlError(f"--out {out} is a file; give a folder for eval.json/confusion.png.")
+    out = settings.out or default_out(settings.checkpoint, f"eval-{settings.split}")
+    check_out_dir(out)
     ckpt = load_checkpoint(settings.checkpoint)
     device = resolve_device(settings.device)
     data, splits = checkpoint_data(ckpt, settings.dataset, settings.data_dir)

@@ -38,9 +38,10 @@ from distml.config import (
     TrainConfig,
 )
 from distml.errors import DistmlError
+from distml.evaluate import check_out_dir
 from distml.models import ModelSpec, full_layer_names
 from distml.progress import Reporter
-from distml.taps import check_out_dir, measure_layers
+from distml.taps import measure_layers
 
 STEP_DIRS = ("1-train", "2-head", "3a-si", "3b-prune", "3c-select")
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +33,7 @@ from distml.config import LayerTapSettings, SiSettings
 from distml.data import Normalize, balanced_indices, to_device_nchw
 from distml.dist import device_name, resolve_device
 from distml.errors import DistmlError
-from distml.evaluate import checkpoint_data
+from distml.evaluate import check_out_dir, checkpoint_data, default_out
 from distml.models import Classifier, feature_plan, feature_shapes, iter_feature_outputs
 from distml.plots import plot_layer_indices
 from distml.progress import Reporter
@@ -205,15 +204,6 @@ def index_curve(
 
 
 # ----------------------------------------------------------------------------- distml si
-
-
-def default_out(checkpoint: Path, suffix: str) -> Path:
-    return checkpoint.parent / f"{checkpoint.stem}-{suffix}"
-
-
-def check_out_dir(out: Path, flag: str = "--out") -> None:
-    if out.exists() and not out.is_dir():
-        raise DistmlError(f"{flag} {out} is a file; give a folder for the results.")
 
 
 def layer_table_rows(
