@@ -119,6 +119,15 @@ class Checkpoint:
     distml_version: str = __version__
     path: Path | None = None
 
+    def train_setting(self, key: str, default: Any) -> Any:
+        """A value of the ``train`` settings of the run that wrote this checkpoint."""
+        return (self.settings.get("train") or {}).get(key, default)
+
+    @property
+    def seed(self) -> int:
+        """The run's seed: it also drew the run's validation split."""
+        return int(self.train_setting("seed", 0))
+
 
 def bare_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module under DataParallel / DDP / torch.compile wrappers."""

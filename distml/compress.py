@@ -421,10 +421,6 @@ def finish(
     return result
 
 
-def source_seed(ckpt: Checkpoint) -> int:
-    return int((ckpt.settings.get("train") or {}).get("seed", 0))
-
-
 def check_head_training(settings: PruneSettings, ckpt: Checkpoint, out: Path) -> None:
     """Head training starts from the checkpoint's own training settings: check them (and the
     flags that change them) before any work, not after the compressed model is written."""
@@ -458,7 +454,7 @@ def prune_checkpoint(settings: PruneSettings, *, show_progress: bool = True) -> 
     names = list(curve)
     values = [curve[name][settings.criterion] for name in names]
     keep = kept_prefix(values, settings.tolerance)
-    model, spec = cut_model(ckpt, keep, source_seed(ckpt))
+    model, spec = cut_model(ckpt, keep, ckpt.seed)
     reporter.line(f"keeping {keep} of {len(names)} feature layers (up to {names[keep - 1]})")
     provenance = {
         "step": "prune",
@@ -541,7 +537,7 @@ def select_checkpoint_features(
     reporter = Reporter(show_progress)
     source = open_taps(ckpt, settings, ["train"], reporter)
     selection = run_selection(source, plan, settings, reporter)
-    model, spec = slice_channels(ckpt, plan, selection.selected, source_seed(ckpt))
+    model, spec = slice_channels(ckpt, plan, selection.selected, ckpt.seed)
     reporter.line(
         f"keeping {selection.kept} of {plan.channels} channels of {plan.conv} "
         f"({index_label(settings.criterion)} {selection.curve[selection.kept - 1]:.4f}, "

@@ -47,8 +47,7 @@ def checkpoint_data(
         )
     data = load_dataset(validate_settings(DataSettings, values))
     check_compatible(ckpt, data)
-    seed = int((ckpt.settings.get("train") or {}).get("seed", 0))
-    return data, make_splits(data, float(values.get("val_fraction", 0.1)), seed)
+    return data, make_splits(data, float(values.get("val_fraction", 0.1)), ckpt.seed)
 
 
 def check_input_shape(ckpt: Checkpoint, data: ImageDataset) -> None:
@@ -96,10 +95,9 @@ def evaluate_checkpoint(settings: EvalSettings, *, show_progress: bool = True) -
             f"the {settings.split} split is empty (the checkpoint was trained with "
             "val_fraction 0); use --split test or train."
         )
-    train_settings = ckpt.settings.get("train") or {}
-    precision = str(train_settings.get("precision", "32"))
-    batch_size = settings.batch_size or int(train_settings.get("eval_batch_size", 1024))
-    channels_last = device.type == "cuda" and bool(train_settings.get("channels_last", True))
+    precision = str(ckpt.train_setting("precision", "32"))
+    batch_size = settings.batch_size or int(ckpt.train_setting("eval_batch_size", 1024))
+    channels_last = device.type == "cuda" and bool(ckpt.train_setting("channels_last", True))
     model = model_from_checkpoint(ckpt).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -112,7 +110,7 @@ def evaluate_checkpoint(settings: EvalSettings, *, show_progress: bool = True) -
         channels_last=channels_last,
     )
     criterion = torch.nn.CrossEntropyLoss(
-        label_smoothing=float(train_settings.get("label_smoothing", 0.0))
+        label_smoothing=float(ckpt.train_setting("label_smoothing", 0.0))
     )
     reporter = Reporter(show_progress)
     reporter.line(

@@ -104,8 +104,7 @@ def open_taps(
     put the model on the device."""
     device = resolve_device(settings.device)
     data, all_splits = checkpoint_data(ckpt, settings.dataset, settings.data_dir)
-    train_settings = ckpt.settings.get("train") or {}
-    seed = int(train_settings.get("seed", 0))
+    seed = ckpt.seed
     subsets = {}
     for split in splits:
         images, labels = all_splits.split(split)
@@ -116,7 +115,7 @@ def open_taps(
             )
         subsets[split] = subset_of_split(split, images, labels, settings.fraction, seed, device)
     model = model_from_checkpoint(ckpt).to(device).eval()
-    batch_size = settings.batch_size or int(train_settings.get("eval_batch_size", 1024))
+    batch_size = settings.batch_size or int(ckpt.train_setting("eval_batch_size", 1024))
     sizes = ", ".join(f"{len(s.labels)} of {s.split_size} {s.split}" for s in subsets.values())
     reporter.line(f"tapping {ckpt.path} on {data.name} ({sizes} images) on {device_name(device)}")
     return TapSource(
