@@ -45,6 +45,7 @@ from distml.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
+    split_prefix,
 )
 from distml.config import (
     EvalSettings,
@@ -103,14 +104,6 @@ def parameter_counts(model: Classifier) -> dict[str, int]:
     }
 
 
-def features_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
-
-
-def head_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-
-
 def assemble(
     spec: ModelSpec,
     features: dict[str, torch.Tensor],
@@ -142,8 +135,9 @@ def cut_model(ckpt: Checkpoint, keep_layers: int, seed: int) -> tuple[Classifier
             "kept_channels": {k: v for k, v in ckpt.spec.kept_channels.items() if k in kept},
         }
     )
-    features = {k: v for k, v in features_state(ckpt.state).items() if k.split(".", 1)[0] in kept}
-    head = head_state(ckpt.state) if keep_layers == len(names) else None
+    trained = split_prefix(ckpt.state, "features.")
+    features = {k: v for k, v in trained.items() if k.split(".", 1)[0] in kept}
+    head = split_prefix(ckpt.state, "head.") if keep_layers == len(names) else None
     return assemble(spec, features, head, seed), spec
 
 
@@ -252,8 +246,8 @@ def slice_channels(
             "kept_channels": {**ckpt.spec.kept_channels, plan.conv: [original[i] for i in keep]},
         }
     )
-    features = slice_feature_state(features_state(ckpt.state), plan, keep)
-    head = head_state(ckpt.state) if len(keep) == plan.channels else None
+    features = slice_feature_state(split_prefix(ckpt.state, "features."), plan, keep)
+    head = split_prefix(ckpt.state, "head.") if len(keep) == plan.channels else None
     return assemble(spec, features, head, seed), spec
 
 

@@ -39,6 +39,7 @@ from distml.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
     save_training_state,
+    split_prefix,
 )
 from distml.config import TrainConfig, format_validation_error
 from distml.data import (
@@ -309,9 +310,7 @@ def initial_model(
         }
     )
     model = build_model(spec)
-    features = {
-        k.removeprefix("features."): v for k, v in ckpt.state.items() if k.startswith("features.")
-    }
+    features = split_prefix(ckpt.state, "features.")
     model.features.load_state_dict(features, strict=True)
     if settings.freeze_features:
         model.features.requires_grad_(False)
