@@ -136,16 +136,26 @@ def start_run(config: TrainConfig, run_dir: Path | None, *, show_progress: bool)
             check_inputs(config)  # fail here, once, rather than in every rank
             run_dir = create_run_dir(config) if config.dist.node_rank == 0 else Path(".")
         return launch_ddp(config, run_dir, nproc, show_progress, resume)
+    dataset = None
     if config.dist.mode != "ddp" and run_dir is None:
-        check_inputs(config)
+        dataset = check_inputs(config)  # one process: the checked dataset is the one it trains on
         run_dir = create_run_dir(config)
-    return run_rank(config, run_dir, show_progress=show_progress, resume=resume) or {}
+    return (
+        run_rank(config, run_dir, show_progress=show_progress, resume=resume, dataset=dataset) or {}
+    )
 
 
 def run_rank(
-    config: TrainConfig, run_dir: Path | None, *, show_progress: bool, resume: bool = False
+    config: TrainConfig,
+    run_dir: Path | None,
+    *,
+    show_progress: bool,
+    resume: bool = False,
+    dataset: ImageDataset | None = None,
 ) -> dict | None:
-    """One process's part of a run; returns the summary on rank 0, None elsewhere."""
+    """One process's part of a run; returns the summary on rank 0, None elsewhere.
+    ``dataset``: already loaded by this process (single and dp runs only: DDP ranks load it
+    in turn, behind a barrier every rank must reach)."""
     if config.dist.mode == "ddp":
         env = torchrun_env()
         if env is None:
@@ -163,7 +173,9 @@ def run_rank(
             run_dir = create_run_dir(config)
         reporter = Reporter(show_progress and ctx.is_main)
         with torch_settings(config, ctx.device), StopRequest(escalate=ctx.mode != "ddp") as stop:
-            return fit(config, ctx, run_dir or Path("."), reporter, stop, resume=resume)
+            return fit(
+                config, ctx, run_dir or Path("."), reporter, stop, resume=resume, dataset=dataset
+            )
     finally:
         teardown(ctx)
 
@@ -245,8 +257,9 @@ def run_directory(config: TrainConfig) -> Path:
     return path
 
 
-def check_inputs(config: TrainConfig) -> None:
-    """Problems that need no GPU work to find: output paths, the dataset, the init file."""
+def check_inputs(config: TrainConfig) -> ImageDataset:
+    """Problems that need no GPU work to find: output paths, the dataset, the init file.
+    Returns the (checked) dataset."""
     path = run_directory(config)
     if path.exists() and not path.is_dir():
         raise DistmlError(f"the run directory {path} is a file. Choose another --out.")
@@ -263,6 +276,7 @@ def check_inputs(config: TrainConfig) -> None:
         ckpt = load_checkpoint(config.model.init)
         check_input_shape(ckpt, dataset)
         model_from_checkpoint(ckpt)  # its tensors must fit its spec
+    return dataset
 
 
 def create_run_dir(config: TrainConfig) -> Path:
@@ -456,12 +470,18 @@ class Session:
     initial_checksums: list[list[float]]
 
 
-def prepare(config: TrainConfig, ctx: RunContext, state: TrainingState | None) -> Session:
+def prepare(
+    config: TrainConfig,
+    ctx: RunContext,
+    state: TrainingState | None,
+    dataset: ImageDataset | None = None,
+) -> Session:
     """Data on the device, the model (resumed weights loaded before wrapping, so DDP
     broadcasts them), optimizer, schedule and scaler."""
     t = config.train
     torch.manual_seed(t.seed)  # the same initial weights on every rank (DDP also broadcasts)
-    dataset = load_dataset_for_rank(config, ctx)
+    if dataset is None:
+        dataset = load_dataset_for_rank(config, ctx)
     splits = make_splits(dataset, config.data.val_fraction, t.seed)
     model, spec, init = initial_model(config, dataset)
     stats = init.normalization if init else channel_stats(splits.train_images)
@@ -636,6 +656,7 @@ def fit(
     stop: StopRequest,
     *,
     resume: bool = False,
+    dataset: ImageDataset | None = None,
 ) -> dict | None:
     """Train, validate, checkpoint, test the best model, write the report (rank 0)."""
     started = time.perf_counter()
@@ -646,7 +667,7 @@ def fit(
             f"{run_dir} was saved by {state.world_size} rank(s); resume it with the same number "
             f"(--nproc {state.world_size}), not {ctx.world_size}."
         )
-    s = prepare(config, ctx, state)
+    s = prepare(config, ctx, state, dataset)
     loop = LoopState()
     best_state: dict[str, torch.Tensor] | None = None
     if state is not None:
