@@ -13,12 +13,12 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
 from distml import __version__
 from distml.errors import DistmlError
@@ -213,6 +213,15 @@ STATE_FORMAT = "distml-train-state"
 STATE_FILE = "state.safetensors"
 
 
+class Stateful(Protocol):
+    """A part of the training state that captures and restores itself (optimizer, schedule,
+    GradScaler, the loop's position), as torch.distributed.checkpoint's Stateful."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
 @dataclass(frozen=True)
 class TrainingState:
     """Everything ``--resume`` needs, in one safetensors file (tensors + JSON metadata):
@@ -224,9 +233,70 @@ class TrainingState:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     scaler: dict[str, Any] | None
-    rng: dict[str, torch.Tensor]  # "cpu.<rank>", "cuda.<rank>"
+    rng: dict[str, torch.Tensor]  # "<name>.<global rank>": "cpu.1", "cuda.1" (rank 1's GPU)
     loop: dict[str, Any]
     world_size: int
+
+    @classmethod
+    def capture(
+        cls,
+        *,
+        model: torch.nn.Module,
+        best: dict[str, torch.Tensor] | None,
+        optimizer: Stateful,
+        scheduler: Stateful,
+        scaler: Stateful,
+        loop: Stateful,
+        rng: dict[str, torch.Tensor],
+        world_size: int,
+    ) -> TrainingState:
+        """The state of a run now. ``rng``: every rank's states (see local_rng_states)."""
+        return cls(
+            model=model.state_dict(),
+            best=best,
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict() or None,  # {} when the scaler is disabled
+            rng=rng,
+            loop=loop.state_dict(),
+            world_size=world_size,
+        )
+
+    def restore(self, *, optimizer: Stateful, scheduler: Stateful, scaler: Stateful) -> None:
+        """Load the optimizer, schedule and scaler states (the model's weights are loaded
+        before it is wrapped, the loop's and the RNG's where the loop starts)."""
+        optimizer.load_state_dict(self.optimizer)
+        scheduler.load_state_dict(self.scheduler)
+        if self.scaler:
+            scaler.load_state_dict(self.scaler)
+
+    def restore_rng(self, rank: int, device: torch.device) -> None:
+        """Set this rank's RNG states: the CPU's, and its own GPU's on ``device``."""
+        for key, tensor in self.rng.items():
+            name, owner = key.rsplit(".", 1)
+            if int(owner) != rank:
+                continue
+            if name == "cpu":
+                torch.set_rng_state(tensor)
+            elif device.type == "cuda" and name == "cuda":
+                torch.cuda.set_rng_state(tensor, device)
+            elif device.type == "cuda" and name.startswith(REPLICA_RNG):
+                torch.cuda.set_rng_state(tensor, int(name.removeprefix(REPLICA_RNG)))
+
+
+REPLICA_RNG = "cuda-replica"  # DataParallel: the other GPUs one process drives
+
+
+def local_rng_states(device: torch.device, replicas: list[int] | None = None) -> dict[str, Any]:
+    """This process's RNG states (dropout draws from them; the data order has its own seeds):
+    the CPU's and its own GPU's, named the same on every rank (``cpu``, ``cuda``), plus
+    ``cuda-replica<i>`` for the other GPUs of a DataParallel process."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+        for index in replicas or []:
+            states[f"{REPLICA_RNG}{index}"] = torch.cuda.get_rng_state(index)
+    return states
 
 
 def split_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -274,6 +344,27 @@ def save_training_state(path: Path, state: TrainingState) -> None:
 
 def load_training_state(path: Path) -> TrainingState:
     tensors, meta = read_tensors(path, "training state")
+    return training_state_from(tensors, meta, path)
+
+
+def training_state_from_bytes(data: bytes, path: Path) -> TrainingState:
+    """A training state from the bytes of its file (as rank 0 sends them to the other ranks);
+    ``path`` names it in errors."""
+    try:
+        header_size = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
+        tensors = load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise DistmlError(
+            f"training state {path} cannot be read as safetensors ({exc}); the run cannot be "
+            "resumed from it."
+        ) from None
+    return training_state_from(tensors, meta, path)
+
+
+def training_state_from(
+    tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path
+) -> TrainingState:
     if meta.get("format") != STATE_FORMAT:
         raise DistmlError(f"{path} is not a distml training state (state.safetensors).")
     try:

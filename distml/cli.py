@@ -337,9 +337,9 @@ def train(
                 "--resume continues a run with the settings in its config.json; drop "
                 f"{', '.join(given)} (or start a new run without --resume)."
             )
-        from distml.train import resume_run
+        from distml.launch import resume_training
 
-        emit(resume_run(resume, show_progress=not quiet), json_, train_report)
+        emit(resume_training(resume, show_progress=not quiet), json_, train_report)
         return
     if amp:
         if precision not in (None, "16-mixed"):
@@ -347,9 +347,9 @@ def train(
         flags["train.precision"] = "16-mixed"
     settings = resolve_settings(TrainConfig, config, flags, set_, FLAG_NAMES)
 
-    from distml.train import train as run_training
+    from distml.launch import start_training
 
-    summary = run_training(settings, show_progress=not quiet)
+    summary = start_training(settings, show_progress=not quiet)
     if summary:  # empty on the nodes of a multi-node job that do not hold rank 0
         emit(summary, json_, train_report)
 

@@ -327,7 +327,7 @@ def train_new_head(
     """Test accuracy of the source, then of the compressed model after training its new head
     on frozen features (the same training loop as ``distml train``, any mode)."""
     from distml.evaluate import evaluate_checkpoint
-    from distml.train import train
+    from distml.launch import start_training
 
     before = evaluate_checkpoint(
         EvalSettings(
@@ -343,7 +343,7 @@ def train_new_head(
     config = head_training_config(
         source, compressed, settings.head, settings.device, out / "head-training", data
     )
-    summary = train(config, show_progress=show_progress)
+    summary = start_training(config, show_progress=show_progress)
     return {
         "test_accuracy_before": before["accuracy"],
         "test_accuracy_after": summary["test_accuracy"],

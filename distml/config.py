@@ -101,6 +101,31 @@ class OptimSettings(Section):
         return self
 
 
+def check_batch_split(
+    batch_size: int, world_size: int, accum_steps: int, error: type[Exception]
+) -> None:
+    """The batch rule: every optimizer step's batch splits evenly over the ranks and their
+    micro-steps. Raises ``error`` (ValueError inside a settings validator, DistmlError once
+    the rank count is known)."""
+    divisor = world_size * accum_steps
+    if batch_size % divisor:
+        raise error(
+            f"batch size {batch_size} cannot be split evenly over {world_size} rank(s) x "
+            f"{accum_steps} micro-step(s): it is not divisible by accum_steps x ranks = "
+            f"{divisor}. --batch-size is the effective batch per optimizer step; choose a "
+            f"multiple of {divisor}."
+        )
+
+
+def check_backend_device(backend: str | None, device: str, error: type[Exception]) -> None:
+    """NCCL runs on CUDA GPUs only. ``device``: the setting or the resolved device type."""
+    if backend == "nccl" and device == "cpu":
+        raise error(
+            "the nccl backend needs CUDA GPUs, but this run is on the CPU. Use --backend gloo "
+            "(the default on CPU) or run on GPUs."
+        )
+
+
 class TrainSettings(Section):
     epochs: int = Field(24, ge=1, le=100_000)
     batch_size: int = Field(
@@ -124,11 +149,7 @@ class TrainSettings(Section):
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainSettings:
-        if self.batch_size % self.accum_steps:
-            raise ValueError(
-                f"batch_size {self.batch_size} is not divisible by accum_steps "
-                f"{self.accum_steps}: each micro-batch is batch_size / accum_steps"
-            )
+        check_batch_split(self.batch_size, 1, self.accum_steps, ValueError)
         return self
 
 
@@ -173,8 +194,7 @@ class TrainConfig(Section):
     def _cross_section(self) -> TrainConfig:
         if self.train.early_stop is not None and self.data.val_fraction == 0:
             raise ValueError("early_stop needs a validation set: set val_fraction above 0")
-        if self.dist.backend == "nccl" and self.train.device == "cpu":
-            raise ValueError("the nccl backend needs CUDA devices; use backend gloo on the CPU")
+        check_backend_device(self.dist.backend, self.train.device, ValueError)
         return self
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from distml.checkpoint import read_tensors, save_tensors
-from distml.config import DataSettings
+from distml.config import DataSettings, check_batch_split
 from distml.errors import DistmlError
 
 DATASET_FORMAT = "distml-dataset"
@@ -364,11 +364,7 @@ class TrainBatches:
         device: torch.device,
         channels_last: bool = False,
     ):
-        if batch_size % (world_size * accum_steps):
-            raise DistmlError(
-                f"batch size {batch_size} cannot be split over {world_size} rank(s) x "
-                f"{accum_steps} micro-step(s); choose a multiple of {world_size * accum_steps}."
-            )
+        check_batch_split(batch_size, world_size, accum_steps, DistmlError)
         if len(labels) < batch_size:
             raise DistmlError(
                 f"the training split has {len(labels)} images, fewer than one batch of "

@@ -1,28 +1,22 @@
-"""Process groups, reductions and launching DDP ranks the torchrun way.
+"""Process groups, collectives and device helpers.
 
-``distml train --mode ddp`` starts its ranks through torch's elastic launcher (the engine
-behind ``torchrun``); under an outer ``torchrun`` the ranks already exist and each process
-just joins the group. This module is the only place that reads the torchrun environment
-variables.
+A rank joins its process group from the torchrun environment (RANK, WORLD_SIZE, MASTER_*),
+whether distml's launcher (distml.launch) or an outer ``torchrun`` started it. This module is
+the only place that reads those variables; it never imports the training loop or the
+launcher (they import it).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
-import sys
-import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import record
 
-from distml.config import TrainConfig
+from distml.config import TrainConfig, check_backend_device, check_batch_split
 from distml.errors import DistmlError
 
 NAME_BYTES = 128  # fixed width for gathering device names as tensors (no pickling)
@@ -59,6 +53,7 @@ class TorchrunEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     agent_store: bool = False  # the launcher hosts the rendezvous store (torchrun does)
+    run_id: str | None = None  # the elastic job's id (TORCHELASTIC_RUN_ID), same on every node
 
 
 def torchrun_env() -> TorchrunEnv | None:
@@ -75,6 +70,7 @@ def torchrun_env() -> TorchrunEnv | None:
         master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
         master_port=int(os.environ.get("MASTER_PORT", "29500")),
         agent_store=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+        run_id=os.environ.get("TORCHELASTIC_RUN_ID"),
     )
 
 
@@ -136,18 +132,8 @@ def check_ddp_settings(config: TrainConfig, device: torch.device, world_size: in
             "--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels). Drop "
             "--sync-bn on the CPU."
         )
-    if backend == "nccl" and device.type != "cuda":
-        raise DistmlError(
-            "the nccl backend needs CUDA GPUs, but this run is on the CPU. Use --backend gloo "
-            "(the default on CPU) or run on GPUs."
-        )
-    divisor = world_size * config.train.accum_steps
-    if config.train.batch_size % divisor:
-        raise DistmlError(
-            f"batch size {config.train.batch_size} cannot be split evenly over {world_size} "
-            f"rank(s) x {config.train.accum_steps} micro-step(s). --batch-size is the effective "
-            f"batch per optimizer step; choose a multiple of {divisor}."
-        )
+    check_backend_device(backend, device.type, DistmlError)
+    check_batch_split(config.train.batch_size, world_size, config.train.accum_steps, DistmlError)
     return backend
 
 
@@ -155,9 +141,26 @@ def check_ddp_settings(config: TrainConfig, device: torch.device, world_size: in
 
 
 def setup_ddp(config: TrainConfig, env: TorchrunEnv) -> RunContext:
-    """Join the process group as the rank described by ``env``."""
-    device = resolve_device(config.train.device)
+    """Join the process group as the training rank described by ``env``."""
+    device = rank_device(resolve_device(config.train.device), env)
     backend = check_ddp_settings(config, device, env.world_size)
+    return join_process_group(env, device, backend, config.dist.timeout_seconds)
+
+
+def join_from_env(
+    device_choice: str = "auto", backend: str | None = None, timeout_seconds: int = 600
+) -> RunContext:
+    """Join the process group of a rank started by distml.launch.launch_ranks (or by
+    torchrun): the layout comes from the environment. For any function run in ranks."""
+    env = torchrun_env()
+    if env is None:
+        raise DistmlError("internal: a rank started without RANK/WORLD_SIZE set.")
+    device = rank_device(resolve_device(device_choice), env)
+    return join_process_group(env, device, backend or default_backend(device), timeout_seconds)
+
+
+def rank_device(device: torch.device, env: TorchrunEnv) -> torch.device:
+    """The device of a rank: the GPU of its local rank, or the CPU (with its share of cores)."""
     if device.type == "cuda":
         if env.local_rank >= torch.cuda.device_count():
             raise DistmlError(
@@ -170,8 +173,15 @@ def setup_ddp(config: TrainConfig, env: TorchrunEnv) -> RunContext:
         # CPU ranks share the cores: without this each rank spins every core's OpenMP
         # threads and throughput collapses (torchrun sets OMP_NUM_THREADS=1 for the same reason)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+    return device
+
+
+def join_process_group(
+    env: TorchrunEnv, device: torch.device, backend: str, timeout_seconds: int
+) -> RunContext:
+    """Initialise the default process group (once per process) and describe this rank."""
     if not dist.is_initialized():
-        timeout = timedelta(seconds=config.dist.timeout_seconds)
+        timeout = timedelta(seconds=timeout_seconds)
         dist.init_process_group(
             backend=backend,
             store=attempt_store(env, timeout),
@@ -225,7 +235,7 @@ def all_gather_tensor(local: torch.Tensor, ctx: RunContext) -> list[torch.Tensor
         return [local.cpu()]
     gathered = [torch.empty_like(local) for _ in range(ctx.world_size)]
     dist.all_gather(gathered, local)
-    return [t.cpu() for t in gathered]
+    return [tensor.cpu() for tensor in gathered]
 
 
 def all_gather_floats(values: list[float], ctx: RunContext) -> list[list[float]]:
@@ -242,121 +252,19 @@ def all_gather_strings(text: str, ctx: RunContext) -> list[str]:
     return [bytes(t.tolist()).rstrip(b"\0").decode("utf-8", "replace") for t in gathered]
 
 
-# ----------------------------------------------------------------------------- launching
-
-
-USER_EXIT_CODES = (2, 3, 130, 143)  # DistmlError codes a rank hands back unchanged
-
-
-class Interrupted(DistmlError):
-    """SIGINT / SIGTERM: the run saved its state and stopped; it can be resumed."""
-
-    label = "stopped"
-
-
-def stopped_by_signal(signum: int, run_dir: Path, where: str = "") -> Interrupted:
-    import signal
-
-    error = Interrupted(
-        f"{signal.Signals(signum).name} received{where}: the training state is saved. "
-        f"Resume with: distml train --resume {run_dir}"
-    )
-    error.exit_code = 128 + signum
-    return error
-
-
-class RankFailure(DistmlError):
-    """A rank died: the message names it and its error. Not a settings problem: exit 1."""
-
-    exit_code = 1
-
-
-@record  # writes the rank's exception to an error file the launcher reads back
-def ddp_worker(
-    config_json: str, run_dir: str, show_progress: bool, resume: bool
-) -> dict[str, Any] | None:
-    """Entry point of every launched rank (module level so it can be spawned). After an
-    elastic restart the ranks resume from the run's saved state, if there is one."""
-    from distml.checkpoint import STATE_FILE
-    from distml.train import run_rank  # imported here: train imports this module
-
-    config = TrainConfig.model_validate_json(config_json)
-    env = torchrun_env()
-    restarted = env is not None and env.restart_count > 0
-    resume = resume or (restarted and (Path(run_dir) / STATE_FILE).exists())
-    try:
-        return run_rank(config, Path(run_dir), show_progress=show_progress, resume=resume)
-    except DistmlError as exc:
-        # a problem the user can fix: hand the message to the launcher, exit without a traceback
-        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
-
-        get_error_handler().record_exception(exc)
-        sys.exit(exc.exit_code)
-
-
-def launch_ddp(
-    config: TrainConfig, run_dir: Path, nproc: int, show_progress: bool, resume: bool = False
-) -> dict[str, Any]:
-    """Start ``nproc`` ranks on this node with torch's elastic launcher and wait for them.
-    Returns rank 0's summary (on node 0). A failed rank stops the whole job: the agent
-    tears the others down and this raises RankFailure naming the rank and its error."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    settings = config.dist
-    if settings.nnodes == 1:  # what `torchrun --standalone` does
-        backend, endpoint, rdzv_configs = "c10d", "localhost:0", {}
-    else:  # static rendezvous: node ranks are fixed by --node-rank
-        backend, endpoint = "static", settings.rdzv_endpoint or ""
-        rdzv_configs = {"rank": settings.node_rank}
-    launch = LaunchConfig(
-        min_nodes=settings.nnodes,
-        max_nodes=settings.nnodes,
-        nproc_per_node=nproc,
-        run_id=f"distml-{uuid.uuid4().hex[:12]}",
-        rdzv_backend=backend,
-        rdzv_endpoint=endpoint,
-        rdzv_configs=rdzv_configs,
-        max_restarts=settings.max_restarts,
-        monitor_interval=0.5,
-        start_method="spawn",
-    )
-    # the agent logs every failure with its traceback; distml reports it once, below
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    try:
-        results = elastic_launch(launch, ddp_worker)(
-            config.model_dump_json(), str(run_dir), show_progress, resume
-        )
-    except ChildFailedError as exc:
-        raise rank_failure(exc) from None
-    except SignalException as exc:  # the launcher itself was signalled; the ranks saved state
-        raise stopped_by_signal(int(exc.sigval), run_dir) from None
-    summary = results.get(0)
-    if summary is None and settings.node_rank == 0:
-        raise RankFailure("rank 0 finished without a summary; see the messages above.")
-    return summary or {}
-
-
-def rank_failure(exc: Any) -> DistmlError:
-    """Turn the elastic launcher's ChildFailedError into one readable error: the first rank
-    that failed, and its exception. A rank that stopped on a DistmlError (exit 2 or 3) gives
-    that error back unchanged."""
-    rank, failure = min(exc.failures.items(), key=lambda item: item[1].timestamp)
-    message = failure.message
-    if isinstance(message, dict):
-        message = message.get("message", str(message))
-    text = str(message).strip()
-    if failure.exitcode in USER_EXIT_CODES and ": " in text:
-        kind = Interrupted if failure.exitcode in (130, 143) else DistmlError
-        error = kind(text.split(": ", 1)[1])
-        error.exit_code = failure.exitcode
-        return error
-    if failure.exitcode < 0:
-        text = f"killed by signal {-failure.exitcode}" + (f" ({text})" if text else "")
-    elif not text or text.startswith("To enable traceback"):
-        text = f"exit code {failure.exitcode} (see its output above)"
-    return RankFailure(
-        f"DDP rank {rank} failed: {text.splitlines()[0] if text else 'no message'}. "
-        "The other ranks were stopped."
-    )
+def broadcast_bytes(data: bytes | None, ctx: RunContext) -> bytes | None:
+    """Rank 0's bytes (or its None) on every rank, sent as uint8 tensors (nothing pickled).
+    Every rank calls it; only rank 0's ``data`` counts."""
+    if not ctx.distributed:
+        return data
+    length = torch.tensor([-1 if data is None else len(data)], dtype=torch.int64, device=ctx.device)
+    dist.broadcast(length, src=0)
+    size = int(length.item())
+    if size <= 0:
+        return None if size < 0 else b""
+    if ctx.is_main:
+        payload = torch.frombuffer(bytearray(data or b""), dtype=torch.uint8).to(ctx.device)
+    else:
+        payload = torch.empty(size, dtype=torch.uint8, device=ctx.device)
+    dist.broadcast(payload, src=0)
+    return payload.cpu().numpy().tobytes()

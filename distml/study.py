@@ -82,7 +82,7 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
 
 def run_study(settings: StudySettings, *, show_progress: bool = True) -> dict[str, Any]:
     """Run steps 1-4 (see the module doc) and write the report; returns report.json's dict."""
-    from distml.train import train
+    from distml.launch import start_training
 
     started = time.perf_counter()
     check_study(settings)
@@ -90,14 +90,16 @@ def run_study(settings: StudySettings, *, show_progress: bool = True) -> dict[st
     common = {"fraction": settings.fraction, "device": device}
 
     reporter.line("study step 1: training end to end")
-    run1 = train(step_config(settings.training, out / "1-train"), show_progress=show_progress)
+    run1 = start_training(
+        step_config(settings.training, out / "1-train"), show_progress=show_progress
+    )
     best1 = Path(run1["checkpoints"]["best"])
 
     reporter.line("study step 2: a new head on the frozen features")
     config2 = head_training_config(
         load_checkpoint(best1), best1, settings.head, device, out / "2-head", {}
     )
-    run2 = train(config2, show_progress=show_progress)
+    run2 = start_training(config2, show_progress=show_progress)
 
     reporter.line("study step 3: SI per layer, prune, select features, new heads")
     si1 = measure_layers(

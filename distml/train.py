@@ -1,29 +1,24 @@
 """The training loop: one readable path for single-device, DataParallel and DDP runs.
 
-``train(config)`` is what the CLI calls. For ``--mode ddp`` outside torchrun it launches the
-ranks (dist.launch_ddp), each of which runs ``run_rank``; otherwise ``run_rank`` runs here.
-``fit`` is the loop itself: data -> model -> epochs (train, validate, checkpoint) -> test
-of the best model -> summary, curves and checkpoints in the run directory (rank 0 only).
+``fit`` is the loop itself: data -> model -> epochs (train, validate, checkpoint) -> test of
+the best model -> summary, curves and checkpoints in the run directory (rank 0 only). It runs
+in a process whose layout distml.launch has set up (one process, or one DDP rank); nothing
+here starts processes or reads the environment.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import resource
 import shutil
 import signal
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from pydantic import ValidationError
 from torch import nn
 
 from distml import __version__
@@ -35,13 +30,14 @@ from distml.checkpoint import (
     atomic_write_json,
     bare_model,
     load_checkpoint,
-    load_training_state,
+    local_rng_states,
     model_from_checkpoint,
     save_checkpoint,
     save_training_state,
     split_prefix,
+    training_state_from_bytes,
 )
-from distml.config import TrainConfig, format_validation_error
+from distml.config import TrainConfig
 from distml.data import (
     ImageDataset,
     Normalize,
@@ -59,17 +55,10 @@ from distml.dist import (
     all_gather_tensor,
     all_reduce_sum,
     barrier,
-    check_ddp_settings,
+    broadcast_bytes,
     device_name,
-    launch_ddp,
-    planned_ranks,
-    resolve_device,
-    setup_ddp,
-    stopped_by_signal,
-    teardown,
-    torchrun_env,
 )
-from distml.errors import DistmlError
+from distml.errors import DistmlError, Interrupted, TrainingDiverged
 from distml.evaluate import check_input_shape
 from distml.metrics import autocast_context, evaluate, overfitting_verdict, write_metrics
 from distml.models import Classifier, ModelSpec, build_model, count_parameters, describe
@@ -77,217 +66,17 @@ from distml.plots import plot_curves
 from distml.progress import Reporter
 
 CHECK_EVERY = 25  # optimizer steps between host syncs (progress, non-finite check)
+# BatchNorm's running statistics (momentum 0.1) follow the weights over roughly the last ten
+# updates; with fewer than this many optimizer steps per epoch they lag the weights they are
+# used with at validation, and validation accuracy can sit near chance while training climbs
+BATCHNORM_MIN_STEPS_PER_EPOCH = 20
 
 
-class TrainingDiverged(DistmlError):
-    """The loss stayed non-finite: lower the learning rate or use bf16 / fp32."""
+class StopFlag(Protocol):
+    """What the loop needs of a stop request (distml.launch.StopRequest): the signal number
+    received, or 0."""
 
-    exit_code = 3
-
-
-# ----------------------------------------------------------------------------- entry points
-
-
-def train(config: TrainConfig, *, show_progress: bool = True) -> dict[str, Any]:
-    """Run ``config`` in a new run directory; return the summary (as in ``summary.json``)."""
-    return start_run(config, None, show_progress=show_progress)
-
-
-def resume_run(run_dir: Path, *, show_progress: bool = True) -> dict[str, Any]:
-    """Continue a stopped run from its saved state, with its own settings."""
-    config = read_run_config(run_dir)
-    summary = run_dir / "summary.json"
-    if summary.exists():
-        Reporter(show_progress).line(f"{run_dir} already finished; nothing to resume.")
-        return {**json.loads(summary.read_text()), "already_finished": True}
-    if not (run_dir / STATE_FILE).exists():
-        raise DistmlError(
-            f"{run_dir} has no saved training state ({STATE_FILE}): it stopped before its first "
-            "epoch ended. Start it again: distml train --config "
-            f"{run_dir / 'config.json'} --out NEW_DIR"
-        )
-    return start_run(config, run_dir, show_progress=show_progress)
-
-
-def read_run_config(run_dir: Path) -> TrainConfig:
-    path = run_dir / "config.json"
-    if not run_dir.is_dir() or not path.is_file():
-        raise DistmlError(
-            f"{run_dir} is not a distml run directory (no config.json). Give the folder that "
-            "`distml train` created, e.g. artifacts/runs/<name>."
-        )
-    try:
-        return TrainConfig.model_validate_json(path.read_text())
-    except ValidationError as exc:
-        raise DistmlError(
-            f"{path} is not a valid distml config, so the run cannot be resumed; "
-            + format_validation_error(exc, TrainConfig)
-        ) from None
-
-
-def start_run(config: TrainConfig, run_dir: Path | None, *, show_progress: bool) -> dict:
-    """Start (``run_dir`` None) or resume a run in the process layout of its mode."""
-    device = resolve_device(config.train.device)
-    resume = run_dir is not None
-    if config.dist.mode == "ddp" and torchrun_env() is None:
-        nproc = planned_ranks(config, device)
-        check_ddp_settings(config, device, nproc * config.dist.nnodes)
-        if run_dir is None:
-            check_inputs(config)  # fail here, once, rather than in every rank
-            run_dir = create_run_dir(config) if config.dist.node_rank == 0 else Path(".")
-        return launch_ddp(config, run_dir, nproc, show_progress, resume)
-    dataset = None
-    if config.dist.mode != "ddp" and run_dir is None:
-        dataset = check_inputs(config)  # one process: the checked dataset is the one it trains on
-        run_dir = create_run_dir(config)
-    return (
-        run_rank(config, run_dir, show_progress=show_progress, resume=resume, dataset=dataset) or {}
-    )
-
-
-def run_rank(
-    config: TrainConfig,
-    run_dir: Path | None,
-    *,
-    show_progress: bool,
-    resume: bool = False,
-    dataset: ImageDataset | None = None,
-) -> dict | None:
-    """One process's part of a run; returns the summary on rank 0, None elsewhere.
-    ``dataset``: already loaded by this process (single and dp runs only: DDP ranks load it
-    in turn, behind a barrier every rank must reach)."""
-    if config.dist.mode == "ddp":
-        env = torchrun_env()
-        if env is None:
-            raise DistmlError("internal: a DDP rank started without RANK/WORLD_SIZE set.")
-        ctx = setup_ddp(config, env)
-        if run_dir is None and env.restart_count > 0:  # restarted by an outer torchrun
-            named = run_directory(config)
-            if (named / STATE_FILE).exists():
-                run_dir, resume = named, True
-    else:
-        ctx = local_context(config)
-    try:
-        if ctx.is_main and run_dir is None:  # under an outer torchrun: rank 0 names the run
-            check_inputs(config)
-            run_dir = create_run_dir(config)
-        reporter = Reporter(show_progress and ctx.is_main)
-        with torch_settings(config, ctx.device), StopRequest(escalate=ctx.mode != "ddp") as stop:
-            return fit(
-                config, ctx, run_dir or Path("."), reporter, stop, resume=resume, dataset=dataset
-            )
-    finally:
-        teardown(ctx)
-
-
-class StopRequest:
-    """SIGINT / SIGTERM during training ask for a clean stop: the loop finishes the step, all
-    ranks agree, the state is saved, and the run exits 130 / 143, ready for ``--resume``.
-    In a single process a second Ctrl-C stops at once; DDP ranks leave that to the launcher,
-    which forwards its own signal to them."""
-
-    def __init__(self, escalate: bool):
-        self.escalate = escalate
-        self.signum = 0
-        self.previous: dict[int, Any] = {}
-
-    def handle(self, signum: int, frame: Any) -> None:
-        if self.signum and self.escalate and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = self.signum or signum
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self.handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
-def local_context(config: TrainConfig) -> RunContext:
-    device = resolve_device(config.train.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    world = torch.cuda.device_count() if config.dist.mode == "dp" and device.type == "cuda" else 1
-    return RunContext(config.dist.mode, 0, 0, world, device, None)
-
-
-@contextlib.contextmanager
-def torch_settings(config: TrainConfig, device: torch.device) -> Iterator[None]:
-    """Determinism and cuDNN autotuning for the run; global flags restored afterwards."""
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
-    if config.train.deterministic:
-        # cuBLAS needs a fixed workspace for reproducible results; must precede CUDA init
-        import os
-
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(saved[0])
-        torch.backends.cudnn.benchmark = saved[1]
-
-
-# ----------------------------------------------------------------------------- run directory
-
-
-def default_run_name(config: TrainConfig) -> str:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{config.model.arch}-{config.dist.mode}-{stamp}"
-
-
-def run_directory(config: TrainConfig) -> Path:
-    out = config.output
-    if out.dir is not None:
-        return out.dir
-    if out.name is not None:
-        return out.root / out.name
-    path = out.root / default_run_name(config)
-    suffix = 2
-    while path.exists():
-        path = out.root / f"{default_run_name(config)}-{suffix}"
-        suffix += 1
-    return path
-
-
-def check_inputs(config: TrainConfig) -> ImageDataset:
-    """Problems that need no GPU work to find: output paths, the dataset, the init file.
-    Returns the (checked) dataset."""
-    path = run_directory(config)
-    if path.exists() and not path.is_dir():
-        raise DistmlError(f"the run directory {path} is a file. Choose another --out.")
-    if (path / "config.json").exists():
-        raise DistmlError(
-            f"{path} already holds a run (it has a config.json). Choose another --out or "
-            "--set output.name=..., or delete that directory first."
-        )
-    save = config.output.save
-    if save is not None and save.is_dir():
-        raise DistmlError(f"--save {save} is a directory; give a file path ending in .safetensors.")
-    dataset = load_dataset(config.data)
-    if config.model.init is not None:
-        ckpt = load_checkpoint(config.model.init)
-        check_input_shape(ckpt, dataset)
-        model_from_checkpoint(ckpt)  # its tensors must fit its spec
-    return dataset
-
-
-def create_run_dir(config: TrainConfig) -> Path:
-    """Create the run directory and write the resolved settings first, as config.json."""
-    path = run_directory(config)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DistmlError(f"cannot create the run directory {path}: {exc.strerror}.") from None
-    atomic_write_json(path / "config.json", config.model_dump(mode="json"))
-    return path
+    signum: int
 
 
 # ----------------------------------------------------------------------------- model set-up
@@ -352,38 +141,48 @@ def wrap_model(model: nn.Module, config: TrainConfig, ctx: RunContext) -> nn.Mod
 
 
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torch.device):
-    o = config.optim
+    optim = config.optim
     fused = {"fused": True} if device.type == "cuda" else {}
-    if o.optimizer == "sgd":
+    if optim.optimizer == "sgd":
         return torch.optim.SGD(
             params,
-            lr=o.lr,
-            momentum=o.momentum,
-            nesterov=o.nesterov,
-            weight_decay=o.weight_decay,
+            lr=optim.lr,
+            momentum=optim.momentum,
+            nesterov=optim.nesterov,
+            weight_decay=optim.weight_decay,
             **fused,
         )
-    if o.optimizer == "adam":
+    if optim.optimizer == "adam":
         return torch.optim.Adam(
-            params, lr=o.lr, betas=(o.momentum, 0.999), weight_decay=o.weight_decay, **fused
+            params,
+            lr=optim.lr,
+            betas=(optim.momentum, 0.999),
+            weight_decay=optim.weight_decay,
+            **fused,
         )
-    if o.optimizer == "adamw":
+    if optim.optimizer == "adamw":
         return torch.optim.AdamW(
-            params, lr=o.lr, betas=(o.momentum, 0.999), weight_decay=o.weight_decay, **fused
+            params,
+            lr=optim.lr,
+            betas=(optim.momentum, 0.999),
+            weight_decay=optim.weight_decay,
+            **fused,
         )
-    return torch.optim.RMSprop(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.RMSprop(
+        params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+    )
 
 
 def lr_factor(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
     """Learning-rate multiplier at optimizer step ``step`` (schedules run per step)."""
-    o = config.optim
+    optim = config.optim
     total = config.train.epochs * steps_per_epoch
-    if o.scheduler == "step":
-        return o.gamma ** ((step // steps_per_epoch) // o.step_size)
-    if o.scheduler == "cosine":
+    if optim.scheduler == "step":
+        return optim.gamma ** ((step // steps_per_epoch) // optim.step_size)
+    if optim.scheduler == "cosine":
         return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-    if o.scheduler == "onecycle":  # linear warm-up to the peak, then linear decay to zero
-        warm = max(1, round(o.warmup_fraction * total))
+    if optim.scheduler == "onecycle":  # linear warm-up to the peak, then linear decay to zero
+        warm = max(1, round(optim.warmup_fraction * total))
         if step < warm:
             return (step + 1) / warm
         return max(0.0, (total - step) / max(1, total - warm))
@@ -410,6 +209,13 @@ class LoopState:
     peaks: list[float] = field(default_factory=list)
     elapsed: float = 0.0  # wall seconds of the earlier sessions of this run
     resumes: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, value in LoopState(**state).state_dict().items():
+            setattr(self, name, value)
 
 
 def peak_memory_mb(ctx: RunContext) -> float:
@@ -464,10 +270,11 @@ class Session:
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler | None
+    scaler: torch.amp.GradScaler  # disabled (a pass-through) unless precision is 16-mixed
+    autocast: contextlib.AbstractContextManager  # the forward pass's precision, reusable
     criterion: nn.Module
     meta: Checkpoint
-    initial_checksums: list[list[float]]
+    initial_weights_identical: bool  # every rank built the same weights (before DDP's broadcast)
 
 
 def prepare(
@@ -477,12 +284,12 @@ def prepare(
     dataset: ImageDataset | None = None,
 ) -> Session:
     """Data on the device, the model (resumed weights loaded before wrapping, so DDP
-    broadcasts them), optimizer, schedule and scaler."""
-    t = config.train
-    torch.manual_seed(t.seed)  # the same initial weights on every rank (DDP also broadcasts)
+    broadcasts them), optimizer, schedule and scaler, restored from ``state`` if given."""
+    settings = config.train
+    torch.manual_seed(settings.seed)  # the same initial weights on every rank
     if dataset is None:
         dataset = load_dataset_for_rank(config, ctx)
-    splits = make_splits(dataset, config.data.val_fraction, t.seed)
+    splits = make_splits(dataset, config.data.val_fraction, settings.seed)
     model, spec, init = initial_model(config, dataset)
     stats = init.normalization if init else channel_stats(splits.train_images)
     normalize = Normalize(stats, ctx.device)
@@ -490,17 +297,19 @@ def prepare(
         splits.train_images,
         splits.train_labels,
         normalize=normalize,
-        batch_size=t.batch_size,
-        accum_steps=t.accum_steps,
+        batch_size=settings.batch_size,
+        accum_steps=settings.accum_steps,
         rank=ctx.rank,
         world_size=ctx.world_size if ctx.mode == "ddp" else 1,
         augment=config.data.augment,
-        seed=t.seed,
+        seed=settings.seed,
         device=ctx.device,
-        channels_last=ctx.device.type == "cuda" and t.channels_last,
+        channels_last=ctx.device.type == "cuda" and settings.channels_last,
     )
     if state is not None:
         model.load_state_dict(state.model)
+    # compared before wrapping: DDP broadcasts rank 0's weights, after which they always agree
+    identical = weights_identical(model, ctx)
     net = wrap_model(model, config, ctx)
     bare = bare_model(net)
     params = [p for p in bare.parameters() if p.requires_grad]
@@ -509,14 +318,9 @@ def prepare(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config, steps)
     )
-    scaler = torch.amp.GradScaler(ctx.device.type) if t.precision == "16-mixed" else None
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=settings.precision == "16-mixed")
     if state is not None:
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        if scaler is not None and state.scaler:
-            scaler.load_state_dict(state.scaler)
-    with torch.no_grad():
-        checksum = float(sum(p.double().sum() for p in bare.parameters()))
+        state.restore(optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     return Session(
         spec=spec,
         classes=list(dataset.classes),
@@ -535,7 +339,8 @@ def prepare(
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=scaler,
-        criterion=nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
+        autocast=autocast_context(ctx.device, settings.precision),
+        criterion=nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
         meta=Checkpoint(
             spec=spec,
             state={},
@@ -544,103 +349,125 @@ def prepare(
             settings=config.model_dump(mode="json"),
             extra={"init": str(config.model.init) if init else None},
         ),
-        initial_checksums=all_gather_floats([checksum], ctx),
+        initial_weights_identical=identical,
     )
 
 
-def evaluate_split(s: Session, name: str, config: TrainConfig, ctx: RunContext):
-    images, labels = s.splits[name]
+def weights_identical(model: nn.Module, ctx: RunContext) -> bool:
+    """Whether every rank holds the same weights (compared by checksum)."""
+    with torch.no_grad():
+        checksum = float(sum(p.double().sum() for p in model.parameters()))
+    return len({round(c[0], 6) for c in all_gather_floats([checksum], ctx)}) == 1
+
+
+def evaluate_split(session: Session, name: str, config: TrainConfig, ctx: RunContext):
+    images, labels = session.splits[name]
     shard = eval_batches(
         images,
         labels,
-        normalize=s.normalize,
+        normalize=session.normalize,
         batch_size=config.train.eval_batch_size,
         rank=ctx.rank,
         world_size=ctx.world_size if ctx.mode == "ddp" else 1,
         channels_last=ctx.device.type == "cuda" and config.train.channels_last,
     )
     return evaluate(
-        s.bare,
+        session.bare,
         shard,
-        s.criterion,
+        session.criterion,
         ctx,
         precision=config.train.precision,
-        num_classes=s.spec.num_classes,
+        num_classes=session.spec.num_classes,
     )
 
 
+class HostSync:
+    """The loop's one host sync, every CHECK_EVERY steps: the losses of the steps since the
+    last sync (non-finite check), the running totals (progress) and the stop flag, summed over
+    the ranks in one all-reduce. Between syncs nothing leaves the device."""
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        loop: LoopState,
+        watch: NonFiniteWatch,
+        stop: StopFlag,
+        task: Any,
+        steps: int,
+    ):
+        self.ctx, self.loop, self.watch, self.stop, self.task = ctx, loop, watch, stop, task
+        self.checked = loop.step  # the last step whose loss was checked
+        self.step_losses = torch.zeros(steps, dtype=torch.float32, device=ctx.device)
+        # running sums; a resumed epoch's earlier (already summed) totals are carried by rank 0
+        carried = loop.totals if ctx.is_main else [0.0, 0.0, 0.0]
+        self.totals = torch.tensor(carried, dtype=torch.float64, device=ctx.device)
+        self.stop_agreed = False
+
+    def due(self, done: int) -> bool:
+        # a single process stops right after this step; DDP ranks agree at the next sync
+        local_stop = self.stop.signum > 0 and not self.ctx.distributed
+        return done % CHECK_EVERY == 0 or done == len(self.step_losses) or local_stop
+
+    def __call__(self, upto: int) -> bool:
+        """Sync after step ``upto``; True when some rank was asked to stop."""
+        flag = torch.tensor([float(self.stop.signum > 0)], device=self.ctx.device)
+        window = torch.cat([self.step_losses[self.checked : upto], self.totals.float(), flag])
+        values = all_reduce_sum(window, self.ctx).tolist()
+        self.watch.check(values[: upto - self.checked], self.loop.epoch, self.checked)
+        self.task.advance(upto - self.checked, status=progress_status(values[-4:-1]))
+        self.checked = upto
+        self.stop_agreed = values[-1] > 0
+        return self.stop_agreed
+
+
 def train_epoch(
-    s: Session,
+    session: Session,
     loop: LoopState,
     config: TrainConfig,
     ctx: RunContext,
     watch: NonFiniteWatch,
-    stop: StopRequest,
+    stop: StopFlag,
     task: Any,
 ) -> bool:
     """Train from ``loop.step`` to the end of ``loop.epoch``; update ``loop``. Returns False
     when a stop was requested (the loop is then at the last finished step)."""
-    s.net.train()
+    session.net.train()
     if config.model.freeze_features:  # frozen features keep their BatchNorm statistics too
-        s.bare.features.eval()
-    steps, accum = s.batches.steps_per_epoch, s.batches.accum_steps
-    # running sums stay on the device: no host sync inside a step. A resumed epoch's earlier
-    # (already summed over ranks) totals are carried by rank 0 alone.
-    carried = loop.totals if ctx.is_main else [0.0, 0.0, 0.0]
-    totals = torch.tensor(carried, dtype=torch.float64, device=ctx.device)
-    step_losses = torch.zeros(steps, dtype=torch.float32, device=ctx.device)
-    checked = loop.step
-    stop_agreed = False
-
-    def sync(upto: int) -> bool:
-        """One host sync: non-finite check, progress, and the stop flag, summed over ranks."""
-        nonlocal checked
-        flag = torch.tensor([float(stop.signum > 0)], device=ctx.device)
-        window = torch.cat([step_losses[checked:upto], totals.float(), flag])
-        values = all_reduce_sum(window, ctx).tolist()
-        watch.check(values[: upto - checked], loop.epoch, checked)
-        task.advance(upto - checked, status=progress_status(values[-4:-1]))
-        checked = upto
-        return values[-1] > 0
-
-    for i in range(len(cuda_devices(ctx))):
-        torch.cuda.reset_peak_memory_stats(cuda_devices(ctx)[i])
+        session.bare.features.eval()
+    steps, accum = session.batches.steps_per_epoch, session.batches.accum_steps
+    sync = HostSync(ctx, loop, watch, stop, task, steps)
+    totals = sync.totals
+    for device_index in cuda_devices(ctx):
+        torch.cuda.reset_peak_memory_stats(device_index)
     synchronize(ctx.device)
     started = time.perf_counter()
-    for step, micro_batches in enumerate(s.batches.epoch(loop.epoch, loop.step), loop.step):
-        for k, (images, labels) in enumerate(micro_batches):
+    for step, micro_batches in enumerate(session.batches.epoch(loop.epoch, loop.step), loop.step):
+        for micro_step, (images, labels) in enumerate(micro_batches):
             # DDP: all-reduce gradients only on the last micro-step of the accumulation
-            skip_sync = ctx.mode == "ddp" and k < accum - 1
-            with s.net.no_sync() if skip_sync else contextlib.nullcontext():
-                with autocast_context(ctx.device, config.train.precision):
-                    logits = s.net(images)
-                    loss = s.criterion(logits, labels)
+            skip_sync = ctx.mode == "ddp" and micro_step < accum - 1
+            with session.net.no_sync() if skip_sync else contextlib.nullcontext():
+                with session.autocast:
+                    logits = session.net(images)
+                    loss = session.criterion(logits, labels)
                 scaled = loss / accum
-                (s.scaler.scale(scaled) if s.scaler else scaled).backward()
-            step_losses[step] += scaled.detach().float()
+                session.scaler.scale(scaled).backward()
+            sync.step_losses[step] += scaled.detach().float()
             totals[0] += loss.detach().double() * len(labels)
             totals[1] += (logits.argmax(1) == labels).sum()
             totals[2] += len(labels)
-        if s.scaler:
-            s.scaler.step(s.optimizer)
-            s.scaler.update()
-        else:
-            s.optimizer.step()
-        s.optimizer.zero_grad(set_to_none=True)
-        s.scheduler.step()
+        session.scaler.step(session.optimizer)
+        session.scaler.update()
+        session.optimizer.zero_grad(set_to_none=True)
+        session.scheduler.step()
         done = step + 1
-        # a single process stops right after this step; DDP ranks agree at the next sync
-        local_stop = stop.signum > 0 and not ctx.distributed
-        if done % CHECK_EVERY == 0 or done == steps or local_stop:
-            stop_agreed = sync(done)
-            if stop_agreed and done < steps:
-                break
+        if sync.due(done) and sync(done) and done < steps:
+            break
     synchronize(ctx.device)
     loop.seconds += time.perf_counter() - started
-    loop.step = checked
+    loop.step = sync.checked
     loop.totals = all_reduce_sum(totals, ctx).tolist()
     loop.nonfinite_run = watch.run
-    return not (stop_agreed and checked < steps)
+    return not (sync.stop_agreed and sync.checked < steps)
 
 
 def progress_status(totals: list[float]) -> str:
@@ -648,93 +475,123 @@ def progress_status(totals: list[float]) -> str:
     return f"loss {loss_sum / max(seen, 1):.3f} acc {100 * correct / max(seen, 1):.1f}%"
 
 
+@dataclass
+class Run:
+    """What one ``fit`` call works on besides the settings: the process, its folder, its
+    progress output, the stop request, and the notes for the summary."""
+
+    config: TrainConfig
+    ctx: RunContext
+    run_dir: Path
+    reporter: Reporter
+    stop: StopFlag
+    notes: list[str] = field(default_factory=list)
+
+
 def fit(
     config: TrainConfig,
     ctx: RunContext,
     run_dir: Path,
     reporter: Reporter,
-    stop: StopRequest,
+    stop: StopFlag,
     *,
     resume: bool = False,
     dataset: ImageDataset | None = None,
 ) -> dict | None:
-    """Train, validate, checkpoint, test the best model, write the report (rank 0)."""
+    """Train, validate, checkpoint, test the best model, write the report (rank 0).
+    ``resume``: continue from the run's saved state, if rank 0 has one."""
     started = time.perf_counter()
-    t = config.train
-    state = load_training_state(run_dir / STATE_FILE) if resume else None
+    run = Run(config, ctx, run_dir, reporter, stop)
+    settings = config.train
+    state = shared_training_state(run_dir / STATE_FILE, ctx) if resume else None
     if state is not None and state.world_size != ctx.world_size:
         raise DistmlError(
             f"{run_dir} was saved by {state.world_size} rank(s); resume it with the same number "
             f"(--nproc {state.world_size}), not {ctx.world_size}."
         )
-    s = prepare(config, ctx, state, dataset)
+    session = prepare(config, ctx, state, dataset)
     loop = LoopState()
     best_state: dict[str, torch.Tensor] | None = None
     if state is not None:
-        loop = LoopState(**state.loop)
+        loop.load_state_dict(state.loop)
         loop.resumes += 1
         best_state = state.best or (state.model if loop.best_epoch else None)
-        restore_rng(state.rng, ctx)
+        state.restore_rng(ctx.rank, ctx.device)
         reporter.line(f"resuming {run_dir} at epoch {loop.epoch}, step {loop.step}")
-    notes = mode_notes(ctx, t.precision)
-    for note in notes:
+    run.notes = mode_notes(ctx, settings.precision) + batchnorm_notes(session, config, ctx)
+    for note in run.notes:
         reporter.line(f"note: {note}")
     reporter.line(
-        f"distml train: {describe(s.spec)} | {count_parameters(s.bare):,} parameters | "
-        f"{ctx.mode} x{ctx.world_size} on {device_name(ctx.device)} | precision {t.precision} | "
-        f"{s.batches.images.shape[0]} train / "
-        f"{len(s.splits['val'][1]) if 'val' in s.splits else 0} val images"
+        f"distml train: {describe(session.spec)} | {count_parameters(session.bare):,} parameters "
+        f"| {ctx.mode} x{ctx.world_size} on {device_name(ctx.device)} | precision "
+        f"{settings.precision} | {session.batches.images.shape[0]} train / "
+        f"{len(session.splits['val'][1]) if 'val' in session.splits else 0} val images"
     )
-    watch = NonFiniteWatch(t.nonfinite_patience, loop.nonfinite_run)
+    watch = NonFiniteWatch(settings.nonfinite_patience, loop.nonfinite_run)
     stopped_early = False
-    while loop.epoch <= t.epochs:
-        if t.early_stop and loop.history and loop.epoch - 1 - loop.best_epoch >= t.early_stop:
+    while loop.epoch <= settings.epochs:
+        since_best = loop.epoch - 1 - loop.best_epoch
+        if settings.early_stop and loop.history and since_best >= settings.early_stop:
             stopped_early = True
-            reporter.line(f"early stop: no better validation accuracy for {t.early_stop} epochs")
+            reporter.line(
+                f"early stop: no better validation accuracy for {settings.early_stop} epochs"
+            )
             break
-        with reporter.task(f"epoch {loop.epoch}/{t.epochs}", s.batches.steps_per_epoch) as task:
+        steps = session.batches.steps_per_epoch
+        with reporter.task(f"epoch {loop.epoch}/{settings.epochs}", steps) as task:
             task.advance(loop.step)
-            finished = train_epoch(s, loop, config, ctx, watch, stop, task)
+            finished = train_epoch(session, loop, config, ctx, watch, stop, task)
         if not finished:
             loop.elapsed += time.perf_counter() - started
-            save_state(run_dir, s, loop, best_state, ctx)
-            raise stopped_by_signal(
-                stop.signum or signal.SIGTERM,
-                run_dir,
-                f" at step {loop.step} of epoch {loop.epoch}",
-            )
-        row = finish_epoch(s, loop, config, ctx)
-        improved = row["val_loss"] is None or row["val_accuracy"] > loop.best_val
-        if improved:
-            loop.best_epoch = loop.epoch
-            loop.best_val = row["val_accuracy"] if row["val_loss"] is not None else -1.0
-            best_state = {k: v.detach().clone() for k, v in s.bare.state_dict().items()}
-        loop.best_is_current = improved
-        check_weights_finite(s, loop.epoch)
-        completed = loop.epoch
-        loop.epoch, loop.step, loop.totals, loop.seconds = completed + 1, 0, [0.0, 0.0, 0.0], 0.0
-        loop.elapsed += time.perf_counter() - started
+            save_state(run_dir, session, loop, best_state, ctx)
+            where = f" at step {loop.step} of epoch {loop.epoch}"
+            raise Interrupted.after_signal(stop.signum or signal.SIGTERM, run_dir, where)
+        best_state = finish_epoch(run, session, loop, best_state, started)
         started = time.perf_counter()
-        save_state(run_dir, s, loop, best_state, ctx)  # the commit point of the epoch
-        if ctx.is_main:
-            ckpt = meta_with(s.meta, completed, row)
-            if improved:
-                save_checkpoint(run_dir / "best.safetensors", s.bare, ckpt)
-            save_checkpoint(run_dir / "last.safetensors", s.bare, ckpt)
-            write_metrics(run_dir / "metrics.csv", loop.history)
-            reporter.line(epoch_line(row, t.epochs, improved))
         if stop_requested_everywhere(stop, ctx):
-            raise stopped_by_signal(
-                stop.signum or signal.SIGTERM, run_dir, f" after epoch {completed}"
-            )
+            where = f" after epoch {loop.epoch - 1}"
+            raise Interrupted.after_signal(stop.signum or signal.SIGTERM, run_dir, where)
     loop.elapsed += time.perf_counter() - started
-    return finish_run(s, loop, best_state, config, ctx, run_dir, notes, stopped_early)
+    return finish_run(run, session, loop, best_state, stopped_early)
 
 
-def finish_epoch(s: Session, loop: LoopState, config: TrainConfig, ctx: RunContext) -> dict:
+def finish_epoch(
+    run: Run,
+    session: Session,
+    loop: LoopState,
+    best_state: dict[str, torch.Tensor] | None,
+    started: float,
+) -> dict[str, torch.Tensor] | None:
+    """Validate, keep the best weights, move the loop to the next epoch, save the state (the
+    epoch's commit point) and the checkpoints. ``started``: when this session's clock last
+    started. Returns the best weights."""
+    config, ctx = run.config, run.ctx
+    row = epoch_row(session, loop, config, ctx)
+    improved = row["val_loss"] is None or row["val_accuracy"] > loop.best_val
+    if improved:
+        loop.best_epoch = loop.epoch
+        loop.best_val = row["val_accuracy"] if row["val_loss"] is not None else -1.0
+        best_state = {k: v.detach().clone() for k, v in session.bare.state_dict().items()}
+    loop.best_is_current = improved
+    check_weights_finite(session, loop.epoch)
+    completed = loop.epoch
+    loop.epoch, loop.step, loop.totals, loop.seconds = completed + 1, 0, [0.0, 0.0, 0.0], 0.0
+    loop.elapsed += time.perf_counter() - started
+    save_state(run.run_dir, session, loop, best_state, ctx)
+    if ctx.is_main:
+        ckpt = meta_with(session.meta, completed, row)
+        if improved:
+            save_checkpoint(run.run_dir / "best.safetensors", session.bare, ckpt)
+        save_checkpoint(run.run_dir / "last.safetensors", session.bare, ckpt)
+        write_metrics(run.run_dir / "metrics.csv", loop.history)
+        run.reporter.line(epoch_line(row, config.train.epochs, improved))
+    return best_state
+
+
+def epoch_row(session: Session, loop: LoopState, config: TrainConfig, ctx: RunContext) -> dict:
     """Validate, and append the epoch's row to the history."""
     loss_sum, correct, seen = loop.totals
-    val = evaluate_split(s, "val", config, ctx) if "val" in s.splits else None
+    val = evaluate_split(session, "val", config, ctx) if "val" in session.splits else None
     peak = peak_memory_mb(ctx)
     loop.peaks.append(peak)
     row = {
@@ -743,7 +600,7 @@ def finish_epoch(s: Session, loop: LoopState, config: TrainConfig, ctx: RunConte
         "train_accuracy": correct / seen,
         "val_loss": val.loss if val else None,
         "val_accuracy": val.accuracy if val else None,
-        "lr": s.scheduler.get_last_lr()[0],
+        "lr": session.scheduler.get_last_lr()[0],
         "epoch_seconds": loop.seconds,
         "images_per_second": seen / loop.seconds,
         "peak_memory_mb": peak,
@@ -752,10 +609,10 @@ def finish_epoch(s: Session, loop: LoopState, config: TrainConfig, ctx: RunConte
     return row
 
 
-def check_weights_finite(s: Session, epoch: int) -> None:
+def check_weights_finite(session: Session, epoch: int) -> None:
     """Never checkpoint broken weights: NaN/inf weights end the run, the last good files stay."""
     with torch.no_grad():
-        finite = torch.stack([torch.isfinite(p).all() for p in s.bare.parameters()]).all()
+        finite = torch.stack([torch.isfinite(p).all() for p in session.bare.parameters()]).all()
     if not bool(finite):
         raise TrainingDiverged(
             f"the model weights became non-finite during epoch {epoch}. The run stopped; the "
@@ -764,7 +621,7 @@ def check_weights_finite(s: Session, epoch: int) -> None:
         )
 
 
-def stop_requested_everywhere(stop: StopRequest, ctx: RunContext) -> bool:
+def stop_requested_everywhere(stop: StopFlag, ctx: RunContext) -> bool:
     flag = torch.tensor([float(stop.signum > 0)], device=ctx.device)
     return bool(all_reduce_sum(flag, ctx).item() > 0)
 
@@ -786,40 +643,57 @@ def mode_notes(ctx: RunContext, precision: str) -> list[str]:
     return notes
 
 
-# ----------------------------------------------------------------------------- state and RNG
+def batchnorm_notes(session: Session, config: TrainConfig, ctx: RunContext) -> list[str]:
+    """A warning when BatchNorm gets too few optimizer steps per epoch to follow the weights,
+    with the batch size that would give enough (BATCHNORM_MIN_STEPS_PER_EPOCH)."""
+    steps = session.batches.steps_per_epoch
+    has_batchnorm = any(
+        isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+        for module in session.bare.modules()
+    )
+    if not has_batchnorm or config.model.freeze_features or steps >= BATCHNORM_MIN_STEPS_PER_EPOCH:
+        return []
+    settings = config.train
+    divisor = (ctx.world_size if ctx.mode == "ddp" else 1) * settings.accum_steps
+    images = session.batches.images.shape[0]
+    suggested = max(divisor, images // BATCHNORM_MIN_STEPS_PER_EPOCH // divisor * divisor)
+    return [
+        f"BatchNorm with only {steps} optimizer step(s) per epoch ({images} training images, "
+        f"--batch-size {settings.batch_size}): its running statistics cannot follow the "
+        "weights, so validation accuracy can stay near chance while training accuracy climbs. "
+        f"--batch-size {suggested} or smaller gives at least {BATCHNORM_MIN_STEPS_PER_EPOCH} "
+        "steps per epoch (or use --norm group)"
+    ]
 
 
-def rng_states(ctx: RunContext) -> dict[str, torch.Tensor]:
-    """This rank's RNG states (dropout draws from them; the data order has its own seeds)."""
-    states = {"cpu": torch.get_rng_state()}
-    for index in cuda_devices(ctx):
-        states[f"cuda{index}"] = torch.cuda.get_rng_state(index)
-    return states
+# ----------------------------------------------------------------------------- training state
+
+
+def shared_training_state(path: Path, ctx: RunContext) -> TrainingState | None:
+    """The run's saved training state on every rank, or None when it has none yet. Only rank 0
+    reads the file and sends it to the others over the process group, so ranks on nodes
+    without the run folder (no shared filesystem) resume from the same state."""
+    data = None
+    if ctx.is_main and path.exists():
+        data = path.read_bytes()
+    data = broadcast_bytes(data, ctx)
+    return None if data is None else training_state_from_bytes(data, path)
 
 
 def gather_rng(ctx: RunContext) -> dict[str, torch.Tensor]:
-    """Every rank's RNG states, keyed ``<name>.<rank>`` (a collective: all ranks call it)."""
+    """Every rank's RNG states, keyed ``<name>.<global rank>`` (a collective: all ranks call
+    it; every rank has the same names, so the gathers line up)."""
+    replicas = cuda_devices(ctx)[1:] if ctx.mode == "dp" else []
     gathered = {}
-    for name, local in sorted(rng_states(ctx).items()):
+    for name, local in sorted(local_rng_states(ctx.device, replicas).items()):
         for rank, tensor in enumerate(all_gather_tensor(local, ctx)):
             gathered[f"{name}.{rank}"] = tensor
     return gathered
 
 
-def restore_rng(saved: dict[str, torch.Tensor], ctx: RunContext) -> None:
-    for key, tensor in saved.items():
-        name, rank = key.rsplit(".", 1)
-        if int(rank) != ctx.rank:
-            continue
-        if name == "cpu":
-            torch.set_rng_state(tensor)
-        elif ctx.device.type == "cuda":
-            torch.cuda.set_rng_state(tensor, int(name.removeprefix("cuda")))
-
-
 def save_state(
     run_dir: Path,
-    s: Session,
+    session: Session,
     loop: LoopState,
     best_state: dict[str, torch.Tensor] | None,
     ctx: RunContext,
@@ -828,14 +702,14 @@ def save_state(
     rng = gather_rng(ctx)
     if not ctx.is_main:
         return
-    state = TrainingState(
-        model=s.bare.state_dict(),
-        best=None if loop.best_is_current or best_state is None else best_state,
-        optimizer=s.optimizer.state_dict(),
-        scheduler=s.scheduler.state_dict(),
-        scaler=s.scaler.state_dict() if s.scaler else None,
+    state = TrainingState.capture(
+        model=session.bare,
+        best=None if loop.best_is_current else best_state,
+        optimizer=session.optimizer,
+        scheduler=session.scheduler,
+        scaler=session.scaler,
+        loop=loop,
         rng=rng,
-        loop=asdict(loop),
         world_size=ctx.world_size,
     )
     save_training_state(run_dir / STATE_FILE, state)
@@ -845,25 +719,23 @@ def save_state(
 
 
 def finish_run(
-    s: Session,
+    run: Run,
+    session: Session,
     loop: LoopState,
     best_state: dict[str, torch.Tensor] | None,
-    config: TrainConfig,
-    ctx: RunContext,
-    run_dir: Path,
-    notes: list[str],
     stopped_early: bool,
 ) -> dict | None:
     """Test the best model once, measure it on the unaugmented training split, and write
     summary.json, curves.png and the final best checkpoint (rank 0)."""
+    config, ctx, run_dir = run.config, run.ctx, run.run_dir
     assert best_state is not None
-    s.bare.load_state_dict(best_state)
+    session.bare.load_state_dict(best_state)
     # cuDNN's autotuner picks algorithms by timing; the final numbers use the same heuristic
     # choice as `distml eval`, so that eval reproduces them exactly
     benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
     try:
-        test = evaluate_split(s, "test", config, ctx)
-        train_clean = evaluate_split(s, "train", config, ctx)
+        test = evaluate_split(session, "test", config, ctx)
+        train_clean = evaluate_split(session, "train", config, ctx)
     finally:
         torch.backends.cudnn.benchmark = benchmark
     devices = all_gather_strings(device_name(ctx.device), ctx)
@@ -872,28 +744,28 @@ def finish_run(
         devices = [torch.cuda.get_device_name(i) for i in range(ctx.world_size)]
     if not ctx.is_main:
         return None
-    t, history = config.train, loop.history
+    settings, history = config.train, loop.history
     train_seconds = sum(r["epoch_seconds"] for r in history)
     summary = {
         "distml_version": __version__,
         "run_dir": str(run_dir),
-        "architecture": describe(s.spec),
-        "model_spec": s.spec.model_dump(mode="json"),
-        "parameters": count_parameters(s.bare),
-        "trainable_parameters": sum(p.numel() for p in s.params),
+        "architecture": describe(session.spec),
+        "model_spec": session.spec.model_dump(mode="json"),
+        "parameters": count_parameters(session.bare),
+        "trainable_parameters": sum(p.numel() for p in session.params),
         "mode": ctx.mode,
         "backend": ctx.backend,
         "world_size": ctx.world_size,
-        "micro_batch_per_rank": s.batches.micro_size,
-        "batch_size": t.batch_size,
-        "accum_steps": t.accum_steps,
-        "precision": t.precision,
+        "micro_batch_per_rank": session.batches.micro_size,
+        "batch_size": settings.batch_size,
+        "accum_steps": settings.accum_steps,
+        "precision": settings.precision,
         "device_name": devices[0],
         "device_names": devices,
         "peak_memory_mb": max(peak_per_rank),
         "peak_memory_mb_per_rank": peak_per_rank,
         "memory_kind": "cuda max_memory_allocated" if ctx.device.type == "cuda" else "host RSS",
-        "initial_weights_identical": len({round(c[0], 6) for c in s.initial_checksums}) == 1,
+        "initial_weights_identical": session.initial_weights_identical,
         "test_accuracy": test.accuracy,
         "test_loss": test.loss,
         "test_images": test.count,
@@ -910,20 +782,21 @@ def finish_run(
         "images_per_second": sum(r["images_per_second"] for r in history) / len(history),
         "total_seconds": loop.elapsed,
         "overfitting": overfitting_verdict(history),
-        "loss_label_smoothing": t.label_smoothing,
-        "notes": notes,
+        "loss_label_smoothing": settings.label_smoothing,
+        "notes": run.notes,
         "checkpoints": {
             "best": str(run_dir / "best.safetensors"),
             "last": str(run_dir / "last.safetensors"),
         },
     }
     best_row = history[loop.best_epoch - 1]
-    final = meta_with(s.meta, loop.best_epoch, {**best_row, "test_accuracy": test.accuracy})
-    save_checkpoint(run_dir / "best.safetensors", s.bare, final)
+    final = meta_with(session.meta, loop.best_epoch, {**best_row, "test_accuracy": test.accuracy})
+    save_checkpoint(run_dir / "best.safetensors", session.bare, final)
     if config.output.save is not None:
         copy_file(run_dir / "best.safetensors", config.output.save)
         summary["checkpoints"]["saved"] = str(config.output.save)
-    plot_curves(history, run_dir / "curves.png", f"{describe(s.spec)[:90]}", loop.best_epoch)
+    title = describe(session.spec)[:90]
+    plot_curves(history, run_dir / "curves.png", title, loop.best_epoch)
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
