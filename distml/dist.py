@@ -241,7 +241,7 @@ def all_gather_tensor(local: torch.Tensor, ctx: RunContext) -> list[torch.Tensor
 def all_gather_floats(values: list[float], ctx: RunContext) -> list[list[float]]:
     """Every rank's list of floats (same length on every rank), in rank order."""
     local = torch.tensor(values, dtype=torch.float64)
-    return [t.tolist() for t in all_gather_tensor(local, ctx)]
+    return [tensor.tolist() for tensor in all_gather_tensor(local, ctx)]
 
 
 def all_gather_strings(text: str, ctx: RunContext) -> list[str]:
@@ -249,7 +249,7 @@ def all_gather_strings(text: str, ctx: RunContext) -> list[str]:
     raw = text.encode("utf-8")[:NAME_BYTES].ljust(NAME_BYTES, b"\0")
     local = torch.tensor(list(raw), dtype=torch.uint8)
     gathered = all_gather_tensor(local, ctx)
-    return [bytes(t.tolist()).rstrip(b"\0").decode("utf-8", "replace") for t in gathered]
+    return [bytes(tensor.tolist()).rstrip(b"\0").decode("utf-8", "replace") for tensor in gathered]
 
 
 def broadcast_bytes(data: bytes | None, ctx: RunContext) -> bytes | None:
