@@ -235,6 +235,7 @@ def test_two_nodes_on_localhost_meet_and_train(tmp_path: Path):
         "distml",
         "train",
         *TINY,
+        *("--set", "data.synthetic_train_size=200", "--set", "data.synthetic_test_size=20"),
         "--epochs",
         "1",
         "--mode",
@@ -257,7 +258,7 @@ def test_two_nodes_on_localhost_meet_and_train(tmp_path: Path):
         for rank in (0, 1)
     ]
     try:
-        outputs = [node.communicate(timeout=240) for node in nodes]
+        outputs = [node.communicate(timeout=600) for node in nodes]  # a hang guard
     finally:
         for node in nodes:
             node.kill()
