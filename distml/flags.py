@@ -38,12 +38,18 @@ METAVARS = {
 class PanelCommand(TyperCommand):
     """A command whose ``--help`` lists its options grouped by their help panel."""
 
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        # Typer writes a required argument as {NAME}; the usual spelling is NAME
+        return [piece.strip("{}") for piece in super().collect_usage_pieces(ctx)]
+
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         panels: dict[str, list[tuple[str, str]]] = {}
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx)
             if record is not None:
                 title = "Arguments" if param.param_type_name == "argument" else "Options"
+                if title == "Arguments":  # the metavar names it; Typer appends a <type>
+                    record = (record[0].split(" ")[0], record[1])
                 panels.setdefault(getattr(param, "rich_help_panel", None) or title, []).append(
                     record
                 )
