@@ -515,8 +515,11 @@ def study_command(
     names = flag_names(STUDY_OPTIONS)
     training_names = {key.removeprefix(prefix): flag for key, flag in names.items()}
     training = resolve_settings(TrainConfig, config, training_flags, set_, training_names)
-    values = {key: value for key, value in flags.items() if not key.startswith(prefix)}
-    values |= {"training": training, "head.mode": training.dist.mode}
+    # the study's own head defaults (30 epochs) under the head flags: a partly given section
+    # would otherwise start from HeadSettings' defaults
+    head = StudySettings.model_fields["head"].get_default(call_default_factory=True)
+    values = {"head": head.model_dump(), "training": training, "head.mode": training.dist.mode}
+    values |= {key: value for key, value in flags.items() if not key.startswith(prefix)}
     settings = resolve_settings(StudySettings, flags=values, flag_names=names)
     emit(run_study(settings, show_progress=not quiet), json_, study_report)
 
