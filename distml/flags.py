@@ -22,17 +22,12 @@ import typer
 from pydantic import BaseModel
 from typer.core import TyperCommand
 
-from distml.config import find_field, holds_text
+from distml.config import find_field
 
 F = TypeVar("F", bound=Callable[..., Any])
 OptionTable = dict[str, dict[str, str]]  # help panel -> {"--flag": "dotted.settings.key"}
-PARAM_PREFIX = "setting_"
-METAVARS = {
-    int: "N",
-    float: "NUMBER",
-    str: "TEXT",
-    Path: "PATH",
-}  # generated parameter names cannot collide with hand-written ones
+PARAM_PREFIX = "setting_"  # generated parameter names cannot collide with hand-written ones
+METAVARS = {int: "N", float: "NUMBER", str: "TEXT", Path: "PATH"}
 
 
 class PanelCommand(TyperCommand):
@@ -86,9 +81,7 @@ def setting_options(
             return command(*args, **kwargs, flags=flags)
 
         options = [
-            option_parameter(
-                model, flag, key, panel, bool(from_config) and key.startswith(from_config)
-            )
+            option_parameter(model, flag, key, panel, from_config_file(key, from_config))
             for flag, key, panel in rows
         ]
         # the command's own options after the generated ones, so that e.g. --amp joins the end
@@ -141,7 +134,7 @@ def option_parameter(
     if kind is bool:
         declarations = [f"{flag}/--no-{flag.removeprefix('--')}"]
     elif get_origin(kind) is list:
-        choices = get_args(get_args(kind)[0]) if holds_text(get_args(kind)[0]) else ()
+        choices = get_args(get_args(kind)[0])  # list[Literal[...]]: its choices
         help_text += " Comma-separated" + (f": {', '.join(choices)}." if choices else ".")
         kind = str
     shown = shown_default(flag, default, from_config)
