@@ -10,6 +10,7 @@ import typing
 import pytest
 from typer.testing import CliRunner
 
+from distml import config
 from distml.cli import (
     EVAL_OPTIONS,
     PRUNE_OPTIONS,
@@ -19,23 +20,14 @@ from distml.cli import (
     TRAIN_OPTIONS,
     app,
 )
-from distml.config import (
-    EvalSettings,
-    PruneSettings,
-    SelectSettings,
-    SiSettings,
-    StudySettings,
-    TrainConfig,
-    find_field,
-)
 
 COMMANDS = {
-    "train": (TrainConfig, TRAIN_OPTIONS),
-    "eval": (EvalSettings, EVAL_OPTIONS),
-    "si": (SiSettings, SI_OPTIONS),
-    "prune": (PruneSettings, PRUNE_OPTIONS),
-    "select-features": (SelectSettings, SELECT_OPTIONS),
-    "study": (StudySettings, STUDY_OPTIONS),
+    "train": (config.TrainConfig, TRAIN_OPTIONS),
+    "eval": (config.EvalSettings, EVAL_OPTIONS),
+    "si": (config.SiSettings, SI_OPTIONS),
+    "prune": (config.PruneSettings, PRUNE_OPTIONS),
+    "select-features": (config.SelectSettings, SELECT_OPTIONS),
+    "study": (config.StudySettings, STUDY_OPTIONS),
 }
 
 
@@ -85,7 +77,7 @@ def test_settings_flags_show_their_choices_and_defaults(command):
     entries = option_entries(help_text(command))
     for flags in table.values():
         for flag, key in flags.items():
-            field, default = find_field(model, key)
+            field, default = config.find_field(model, key)
             entry = " ".join(entries[flag].split())
             kinds = [kind for kind in typing.get_args(field.annotation) if kind is not type(None)]
             literal = field.annotation if not kinds else kinds[0]
