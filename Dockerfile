@@ -5,7 +5,7 @@
 #     -v "$PWD/data:/workspace/data" -v "$PWD/artifacts:/workspace/artifacts" \
 #     distml train --mode ddp --amp
 #
-# The PyPI torch wheels for Linux x86_64 are CUDA builds that bundle the CUDA
+# The torch wheels on pip's default index for Linux x86_64 are CUDA builds that bundle the CUDA
 # runtime, cuDNN and NCCL (the nvidia-* wheels), so a plain Python base image is
 # enough: the host needs only the NVIDIA driver and the NVIDIA Container Toolkit.
 # See docs/docker.md for the why of every choice below.
@@ -39,14 +39,14 @@ RUN python -m venv "$VIRTUAL_ENV"
 
 # Layer 1, the big one (several GB): torch + torchvision. Only these build
 # arguments invalidate it, never a change to distml's code or pyproject.toml.
-# Default: the CUDA build from PyPI. CPU-only image:
-#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# Another CUDA version (e.g. for an older driver):
-#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# Default (empty): pip's default index, whose Linux torch wheels are the CUDA build.
+# A CPU-only image or another CUDA version (e.g. for an older driver): set it to the
+# URL of PyTorch's own wheel index for that variant (PyTorch's install page lists them):
+#   --build-arg TORCH_INDEX_URL=<PyTorch's wheel index URL for cpu or cuXYZ>
 ARG TORCH_VERSION=2.15.0
 ARG TORCHVISION_VERSION=0.29.2
-ARG TORCH_INDEX_URL=https://pypi.org/simple
-RUN pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" \
+ARG TORCH_INDEX_URL=
+RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
 # Layer 2: the other runtime dependencies and the build backend, read from

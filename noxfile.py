@@ -68,7 +68,8 @@ def docker(session: nox.Session) -> None:
     """Build the image, run `distml --help` and a 1-epoch CPU training inside it.
 
     Extra arguments go to the build, e.g.
-    `nox -s docker -- --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu`.
+    `nox -s docker -- --build-arg TORCH_INDEX_URL="$CPU_WHEEL_INDEX"` (PyTorch's CPU wheel
+    index, whose URL PyTorch's install page lists).
     """
     engine = _container_engine(session)
     build = [engine, "build", "-t", DOCKER_IMAGE]

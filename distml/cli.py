@@ -13,18 +13,26 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import BaseModel
 
 from distml import __version__
+from distml.config import (
+    EvalSettings,
+    PruneSettings,
+    SelectSettings,
+    SiSettings,
+    StudySettings,
+    TrainConfig,
+    resolve_settings,
+)
 from distml.errors import DistmlError
+from distml.flags import OptionTable, PanelCommand, flag_names, setting_options
 
 F = TypeVar("F", bound=Callable[..., Any])
-M = TypeVar("M", bound="BaseModel")
-
-if TYPE_CHECKING:
-    from pydantic import BaseModel
+M = TypeVar("M", bound=BaseModel)
 
 app = typer.Typer(
     name="distml",
@@ -33,52 +41,108 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
-    rich_markup_mode="markdown",
+    rich_markup_mode=None,  # click's plain help: wraps on words at any width
 )
 
-# flag name (as Typer passes it) -> dotted settings key, for `distml train`
-TRAIN_FLAGS = {
-    "model": "model.arch",
-    "width": "model.width",
-    "depth": "model.depth",
-    "norm": "model.norm",
-    "dropout": "model.dropout",
-    "init": "model.init",
-    "freeze_features": "model.freeze_features",
-    "dataset": "data.dataset",
-    "data_dir": "data.data_dir",
-    "val_fraction": "data.val_fraction",
-    "augment": "data.augment",
-    "epochs": "train.epochs",
-    "batch_size": "train.batch_size",
-    "accum_steps": "train.accum_steps",
-    "label_smoothing": "train.label_smoothing",
-    "early_stop": "train.early_stop",
-    "precision": "train.precision",
-    "device": "train.device",
-    "seed": "train.seed",
-    "deterministic": "train.deterministic",
-    "optimizer": "optim.optimizer",
-    "lr": "optim.lr",
-    "momentum": "optim.momentum",
-    "weight_decay": "optim.weight_decay",
-    "scheduler": "optim.scheduler",
-    "step_size": "optim.step_size",
-    "gamma": "optim.gamma",
-    "mode": "dist.mode",
-    "nproc": "dist.nproc",
-    "backend": "dist.backend",
-    "sync_bn": "dist.sync_bn",
-    "max_restarts": "dist.max_restarts",
-    "nnodes": "dist.nnodes",
-    "node_rank": "dist.node_rank",
-    "rdzv_endpoint": "dist.rdzv_endpoint",
-    "out": "output.dir",
-    "name": "output.name",
-    "save": "output.save",
+# each command's settings flags: help panel -> flag -> dotted key of its settings model
+# (distml/flags.py turns every row into an option described by the settings field)
+TRAIN_OPTIONS: OptionTable = {
+    "Model": {
+        "--model": "model.arch",
+        "--width": "model.width",
+        "--depth": "model.depth",
+        "--norm": "model.norm",
+        "--dropout": "model.dropout",
+        "--init": "model.init",
+        "--freeze-features": "model.freeze_features",
+    },
+    "Data": {
+        "--dataset": "data.dataset",
+        "--data-dir": "data.data_dir",
+        "--val-fraction": "data.val_fraction",
+        "--augment": "data.augment",
+    },
+    "Training": {
+        "--epochs": "train.epochs",
+        "--batch-size": "train.batch_size",
+        "--accum-steps": "train.accum_steps",
+        "--label-smoothing": "train.label_smoothing",
+        "--early-stop": "train.early_stop",
+        "--precision": "train.precision",
+        "--device": "train.device",
+        "--seed": "train.seed",
+        "--deterministic": "train.deterministic",
+    },
+    "Optimisation": {
+        "--optimizer": "optim.optimizer",
+        "--lr": "optim.lr",
+        "--momentum": "optim.momentum",
+        "--weight-decay": "optim.weight_decay",
+        "--scheduler": "optim.scheduler",
+        "--step-size": "optim.step_size",
+        "--gamma": "optim.gamma",
+    },
+    "Distributed": {
+        "--mode": "dist.mode",
+        "--nproc": "dist.nproc",
+        "--backend": "dist.backend",
+        "--sync-bn": "dist.sync_bn",
+        "--max-restarts": "dist.max_restarts",
+        "--nnodes": "dist.nnodes",
+        "--node-rank": "dist.node_rank",
+        "--rdzv-endpoint": "dist.rdzv_endpoint",
+    },
+    "Output": {"--out": "output.dir", "--name": "output.name", "--save": "output.save"},
 }
-FLAG_NAMES = {key: "--" + flag.replace("_", "-") for flag, key in TRAIN_FLAGS.items()}
-FLAG_NAMES["model.arch"] = "--model"
+TRAIN_FLAG_NAMES = flag_names(TRAIN_OPTIONS)
+CHECKPOINT_DATA = {
+    "--dataset": "dataset",
+    "--data-dir": "data_dir",
+    "--device": "device",
+    "--batch-size": "batch_size",
+}
+EVAL_OPTIONS: OptionTable = {"Options": {**CHECKPOINT_DATA, "--split": "split", "--out": "out"}}
+SI_PANEL, HEAD_PANEL = "Separation Index", "New classifier head"
+SI_OPTIONS: OptionTable = {
+    "Options": {**CHECKPOINT_DATA, "--out": "out"},
+    SI_PANEL: {"--fraction": "fraction", "--splits": "splits"},
+}
+HEAD_OPTIONS = {
+    "--head-epochs": "head.epochs",
+    "--lr": "head.lr",
+    "--head-batch-size": "head.batch_size",
+    "--scheduler": "head.scheduler",
+    "--mode": "head.mode",
+}
+PRUNE_OPTIONS: OptionTable = {
+    "Options": {**CHECKPOINT_DATA, "--out": "out", "--save": "save"},
+    SI_PANEL: {"--criterion": "criterion", "--tolerance": "tolerance", "--fraction": "fraction"},
+    HEAD_PANEL: HEAD_OPTIONS,
+}
+SELECT_OPTIONS: OptionTable = {
+    "Options": PRUNE_OPTIONS["Options"],
+    SI_PANEL: {"--layer": "layer", **PRUNE_OPTIONS[SI_PANEL], "--max-features": "max_features"},
+    HEAD_PANEL: HEAD_OPTIONS,
+}
+STUDY_OPTIONS: OptionTable = {
+    "Options": {"--out": "out"},
+    "Step-1 training": {
+        "--epochs": "training.train.epochs",
+        "--dataset": "training.data.dataset",
+        "--data-dir": "training.data.data_dir",
+        "--device": "training.train.device",
+        "--mode": "training.dist.mode",
+    },
+    HEAD_PANEL: {"--head-epochs": "head.epochs", "--lr": "head.lr"},
+    SI_PANEL: {
+        "--fraction": "fraction",
+        "--criterion": "criterion",
+        "--layer-tolerance": "layer_tolerance",
+        "--feature-tolerance": "feature_tolerance",
+        "--layer": "layer",
+        "--max-features": "max_features",
+    },
+}
 
 
 def fail(message: str, code: int = 2, label: str = "error") -> None:
@@ -135,202 +199,67 @@ def root(
 # ----------------------------------------------------------------------------- train
 
 Opt = typer.Option
-MODEL, DATA, OPTIM, TRAIN, DIST, OUT = (
-    "Model",
-    "Data",
-    "Optimisation",
-    "Training",
-    "Distributed",
-    "Output",
-)
+JsonOpt = Annotated[
+    bool,
+    Opt(
+        "--json",
+        help="Print the result as one JSON object (last line of stdout).",
+        rich_help_panel="Output",
+    ),
+]
+QuietOpt = Annotated[
+    bool, Opt("--quiet", "-q", help="No progress output.", rich_help_panel="Output")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    Opt(
+        "--set",
+        metavar="KEY=VALUE",
+        help="dotted.key=value, reaches any setting; repeatable; wins over flags.",
+    ),
+]
+CheckpointArg = Annotated[
+    Path, typer.Argument(metavar="CHECKPOINT", help="A distml .safetensors checkpoint.")
+]
 
 
-@app.command()
+@app.command(cls=PanelCommand)
 @user_errors
+@setting_options(TrainConfig, TRAIN_OPTIONS)
 def train(
     config: Annotated[
-        Path | None, Opt(help="Settings file (TOML, YAML or JSON); flags override it.")
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        Opt("--set", help="dotted.key=value, reaches any setting; repeatable; wins over flags."),
-    ] = None,
-    model: Annotated[
-        Literal["cnn", "vgg16"] | None, Opt(help="Architecture.", rich_help_panel=MODEL)
-    ] = None,
-    width: Annotated[
-        float | None, Opt(help="Channel multiplier (1.0 = standard widths).", rich_help_panel=MODEL)
-    ] = None,
-    depth: Annotated[
-        int | None, Opt(help="cnn: conv blocks (8 = ResNet-9).", rich_help_panel=MODEL)
-    ] = None,
-    norm: Annotated[
-        Literal["batch", "group", "layer", "instance", "none"] | None, Opt(rich_help_panel=MODEL)
-    ] = None,
-    dropout: Annotated[
-        float | None, Opt(help="Dropout before the classifier layers.", rich_help_panel=MODEL)
-    ] = None,
-    init: Annotated[
         Path | None,
-        Opt(
-            help="Start from this checkpoint's weights (architecture from it).",
-            rich_help_panel=MODEL,
-        ),
+        Opt(metavar="PATH", help="Settings file (TOML, YAML or JSON); flags override it."),
     ] = None,
-    freeze_features: Annotated[
-        bool | None,
-        Opt(
-            "--freeze-features/--no-freeze-features",
-            help="With --init: freeze the features, train a new classifier head.",
-            rich_help_panel=MODEL,
-        ),
-    ] = None,
-    dataset: Annotated[
-        str | None,
-        Opt(
-            help="cifar10, synthetic, or a distml .safetensors dataset file.", rich_help_panel=DATA
-        ),
-    ] = None,
-    data_dir: Annotated[
-        Path | None,
-        Opt(help="Dataset download/cache folder (default: data).", rich_help_panel=DATA),
-    ] = None,
-    val_fraction: Annotated[
-        float | None,
-        Opt(help="Class-balanced validation fraction (default 0.1).", rich_help_panel=DATA),
-    ] = None,
-    augment: Annotated[
-        bool | None, Opt("--augment/--no-augment", help="Random crop + flip.", rich_help_panel=DATA)
-    ] = None,
-    epochs: Annotated[int | None, Opt(rich_help_panel=TRAIN)] = None,
-    batch_size: Annotated[
-        int | None,
-        Opt(
-            help="Effective batch per optimizer step (all ranks, all micro-steps).",
-            rich_help_panel=TRAIN,
-        ),
-    ] = None,
-    accum_steps: Annotated[
-        int | None, Opt(help="Micro-batches accumulated per step.", rich_help_panel=TRAIN)
-    ] = None,
-    label_smoothing: Annotated[float | None, Opt(rich_help_panel=TRAIN)] = None,
-    early_stop: Annotated[
-        int | None,
-        Opt(
-            metavar="PATIENCE",
-            help="Stop after PATIENCE epochs without a better val accuracy.",
-            rich_help_panel=TRAIN,
-        ),
-    ] = None,
-    precision: Annotated[
-        Literal["32", "16-mixed", "bf16-mixed"] | None, Opt(rich_help_panel=TRAIN)
-    ] = None,
+    set_: SetOpt = None,
     amp: Annotated[
         bool,
         Opt(
             "--amp",
             help="Shorthand for --precision 16-mixed (fp16 + GradScaler).",
-            rich_help_panel=TRAIN,
+            rich_help_panel="Training",
         ),
     ] = False,
-    device: Annotated[Literal["auto", "cuda", "cpu"] | None, Opt(rich_help_panel=TRAIN)] = None,
-    seed: Annotated[int | None, Opt(rich_help_panel=TRAIN)] = None,
-    deterministic: Annotated[
-        bool | None,
-        Opt(
-            "--deterministic/--no-deterministic",
-            help="Reproducible kernels (slower).",
-            rich_help_panel=TRAIN,
-        ),
-    ] = None,
-    optimizer: Annotated[
-        Literal["sgd", "adam", "adamw", "rmsprop"] | None, Opt(rich_help_panel=OPTIM)
-    ] = None,
-    lr: Annotated[float | None, Opt(help="Peak learning rate.", rich_help_panel=OPTIM)] = None,
-    momentum: Annotated[
-        float | None, Opt(help="SGD/RMSprop momentum; Adam beta1.", rich_help_panel=OPTIM)
-    ] = None,
-    weight_decay: Annotated[float | None, Opt(rich_help_panel=OPTIM)] = None,
-    scheduler: Annotated[
-        Literal["step", "cosine", "onecycle", "none"] | None, Opt(rich_help_panel=OPTIM)
-    ] = None,
-    step_size: Annotated[
-        int | None, Opt(help="step scheduler: epochs between decays.", rich_help_panel=OPTIM)
-    ] = None,
-    gamma: Annotated[
-        float | None, Opt(help="step scheduler: decay factor.", rich_help_panel=OPTIM)
-    ] = None,
-    mode: Annotated[
-        Literal["single", "dp", "ddp"] | None,
-        Opt(help="single device, nn.DataParallel (legacy), or DDP.", rich_help_panel=DIST),
-    ] = None,
-    nproc: Annotated[
-        int | None,
-        Opt(
-            help="DDP ranks on this node (default: every visible GPU; 2 on CPU).",
-            rich_help_panel=DIST,
-        ),
-    ] = None,
-    backend: Annotated[
-        Literal["nccl", "gloo"] | None,
-        Opt(help="Default: nccl on CUDA, gloo on CPU.", rich_help_panel=DIST),
-    ] = None,
-    sync_bn: Annotated[
-        bool | None, Opt("--sync-bn/--no-sync-bn", help="DDP: SyncBatchNorm.", rich_help_panel=DIST)
-    ] = None,
-    max_restarts: Annotated[
-        int | None, Opt(help="DDP: elastic restarts after a rank failure.", rich_help_panel=DIST)
-    ] = None,
-    nnodes: Annotated[
-        int | None, Opt(help="Nodes in the job (multi-node DDP).", rich_help_panel=DIST)
-    ] = None,
-    node_rank: Annotated[
-        int | None, Opt(help="This node's rank (multi-node DDP).", rich_help_panel=DIST)
-    ] = None,
-    rdzv_endpoint: Annotated[
-        str | None, Opt(help="host:port of node 0 (multi-node DDP).", rich_help_panel=DIST)
-    ] = None,
-    out: Annotated[
-        Path | None,
-        Opt(help="Run directory (default: artifacts/runs/NAME).", rich_help_panel=OUT),
-    ] = None,
-    name: Annotated[
-        str | None, Opt(help="Run name under artifacts/runs.", rich_help_panel=OUT)
-    ] = None,
-    save: Annotated[
-        Path | None, Opt(help="Also write the best checkpoint to this path.", rich_help_panel=OUT)
-    ] = None,
-    json_: Annotated[
-        bool,
-        Opt(
-            "--json",
-            help="Print the summary as one JSON object (last line of stdout).",
-            rich_help_panel=OUT,
-        ),
-    ] = False,
-    quiet: Annotated[
-        bool, Opt("--quiet", "-q", help="No progress output.", rich_help_panel=OUT)
-    ] = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
     resume: Annotated[
         Path | None,
         Opt(
             metavar="RUN_DIR",
             help="Continue a stopped run from its saved state, with the settings in its "
             "config.json (no other settings flags).",
-            rich_help_panel=OUT,
+            rich_help_panel="Output",
         ),
     ] = None,
+    *,
+    flags: dict[str, Any],
 ) -> None:
     """Train a classifier (single device, DataParallel or DDP).
 
     Writes config.json, metrics.csv, curves.png, summary.json and best/last checkpoints into
-    the run directory (artifacts/runs/NAME)."""
-    from distml.config import TrainConfig, resolve_settings
-
-    values = locals()
-    flags = {TRAIN_FLAGS[name]: values[name] for name in TRAIN_FLAGS}
+    the run directory (artifacts/runs/NAME). Settings: defaults < --config < flags < --set."""
     if resume is not None:
-        given = [FLAG_NAMES[k] for k, v in flags.items() if v is not None]
+        given = [TRAIN_FLAG_NAMES[key] for key in flags]
         given += ["--config"] * bool(config) + ["--set"] * bool(set_) + ["--amp"] * amp
         if given:
             fail(
@@ -342,10 +271,11 @@ def train(
         emit(resume_training(resume, show_progress=not quiet), json_, train_report)
         return
     if amp:
-        if precision not in (None, "16-mixed"):
+        precision = flags.get("train.precision", "16-mixed")
+        if precision != "16-mixed":
             fail(f"--amp means --precision 16-mixed, but --precision {precision} was given too.")
         flags["train.precision"] = "16-mixed"
-    settings = resolve_settings(TrainConfig, config, flags, set_, FLAG_NAMES)
+    settings = resolve_settings(TrainConfig, config, flags, set_, TRAIN_FLAG_NAMES)
 
     from distml.launch import start_training
 
@@ -374,42 +304,23 @@ def train_report(s: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- eval
 
 
-@app.command("eval")
+@app.command("eval", cls=PanelCommand)
 @user_errors
+@setting_options(EvalSettings, EVAL_OPTIONS)
 def eval_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A distml .safetensors checkpoint.")],
-    dataset: Annotated[
-        str | None, Opt(help="Default: the dataset the checkpoint was trained on.")
-    ] = None,
-    data_dir: Annotated[Path | None, Opt(help="Default: the checkpoint's data folder.")] = None,
-    split: Annotated[Literal["test", "val", "train"], Opt()] = "test",
-    device: Annotated[Literal["auto", "cuda", "cpu"], Opt()] = "auto",
-    batch_size: Annotated[
-        int | None, Opt(help="Default: the checkpoint's eval batch size.")
-    ] = None,
-    out: Annotated[Path | None, Opt(help="Folder for eval.json and confusion.png.")] = None,
-    json_: Annotated[bool, Opt("--json", help="Print the result as one JSON object.")] = False,
-    quiet: Annotated[bool, Opt("--quiet", "-q")] = False,
+    checkpoint: CheckpointArg,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    *,
+    flags: dict[str, Any],
 ) -> None:
     """Accuracy, loss, per-class accuracy and a confusion matrix of a checkpoint."""
-    from distml.config import EvalSettings, validate_settings
     from distml.evaluate import evaluate_checkpoint
 
-    settings = validate_settings(
-        EvalSettings,
-        {
-            "checkpoint": checkpoint,
-            "dataset": dataset,
-            "data_dir": data_dir,
-            "split": split,
-            "device": device,
-            "batch_size": batch_size,
-            "out": out,
-        },
-        {"batch_size": "--batch-size", "dataset": "--dataset"},
+    settings = resolve_settings(
+        EvalSettings, flags=flags | {"checkpoint": checkpoint}, flag_names=flag_names(EVAL_OPTIONS)
     )
-    result = evaluate_checkpoint(settings, show_progress=not quiet)
-    emit(result, json_, eval_report)
+    emit(evaluate_checkpoint(settings, show_progress=not quiet), json_, eval_report)
 
 
 def eval_report(r: dict[str, Any]) -> str:
@@ -427,121 +338,33 @@ def eval_report(r: dict[str, Any]) -> str:
 # distml si / prune / select-features / study: validated settings -> one library call
 # (distml/taps.py, distml/compress.py, distml/study.py) -> emit.
 
-SI_FLAG_NAMES = {
-    "fraction": "--fraction",
-    "splits": "--splits",
-    "batch_size": "--batch-size",
-    "dataset": "--dataset",
-    "tolerance": "--tolerance",
-    "max_features": "--max-features",
-    "head.epochs": "--head-epochs",
-    "head.lr": "--lr",
-    "head.batch_size": "--head-batch-size",
-    "layer_tolerance": "--layer-tolerance",
-    "feature_tolerance": "--feature-tolerance",
-}
-SI, HEAD = "Separation Index", "New classifier head"
 
-CheckpointArg = Annotated[Path, typer.Argument(help="A distml .safetensors checkpoint.")]
-DatasetOpt = Annotated[str | None, Opt(help="Default: the dataset the checkpoint was trained on.")]
-DataDirOpt = Annotated[Path | None, Opt(help="Default: the checkpoint's data folder.")]
-FractionOpt = Annotated[
-    float,
-    Opt(help="Class-balanced fraction of each split measured, in (0, 1].", rich_help_panel=SI),
-]
-DeviceOpt = Annotated[Literal["auto", "cuda", "cpu"], Opt()]
-BatchOpt = Annotated[
-    int | None, Opt(help="Images per forward pass (default: the checkpoint's eval batch).")
-]
-CriterionOpt = Annotated[
-    Literal["si", "center-si"], Opt(help="Index the decisions use.", rich_help_panel=SI)
-]
-ToleranceOpt = Annotated[
-    float,
-    Opt(
-        help="Keep the shortest prefix whose index is within this of the best (index units).",
-        rich_help_panel=SI,
-    ),
-]
-HeadEpochsOpt = Annotated[
-    int,
-    Opt(
-        help="Train the rebuilt classifier this many epochs on frozen features (0: don't).",
-        rich_help_panel=HEAD,
-    ),
-]
-HeadLrOpt = Annotated[float, Opt(help="Head training learning rate.", rich_help_panel=HEAD)]
-HeadBatchOpt = Annotated[
-    int | None, Opt(help="Head training batch (default: the run's).", rich_help_panel=HEAD)
-]
-HeadSchedulerOpt = Annotated[
-    Literal["step", "cosine", "onecycle", "none"], Opt(rich_help_panel=HEAD)
-]
-ModeOpt = Annotated[
-    Literal["single", "dp", "ddp"], Opt(help="Head training mode.", rich_help_panel=HEAD)
-]
-SaveOpt = Annotated[
-    Path | None,
-    Opt(help="Also write the final model here (the head-trained one with --head-epochs)."),
-]
-JsonOpt = Annotated[bool, Opt("--json", help="Print the result as one JSON object.")]
-QuietOpt = Annotated[bool, Opt("--quiet", "-q", help="No progress output.")]
+def checkpoint_settings(
+    model: type[M], table: OptionTable, checkpoint: Path, flags: dict[str, Any]
+) -> M:
+    """Validated settings of a command that reads a checkpoint."""
+    return resolve_settings(
+        model, flags=flags | {"checkpoint": checkpoint}, flag_names=flag_names(table)
+    )
 
 
-# the head-training flags of prune/select-features -> keys of their `head` section
-HEAD_FLAGS = {
-    "head_epochs": "epochs",
-    "lr": "lr",
-    "head_batch_size": "batch_size",
-    "scheduler": "scheduler",
-    "mode": "mode",
-}
-
-
-def compression_settings(model: type[M], arguments: dict[str, Any]) -> M:
-    """Validated prune / select-features settings from a command's arguments, the
-    head-training flags gathered into the ``head`` section."""
-    from distml.config import validate_settings
-
-    values = {k: v for k, v in arguments.items() if k in model.model_fields}
-    values["head"] = {key: arguments[flag] for flag, key in HEAD_FLAGS.items()}
-    return validate_settings(model, values, SI_FLAG_NAMES)
-
-
-@app.command("si")
+@app.command("si", cls=PanelCommand)
 @user_errors
+@setting_options(SiSettings, SI_OPTIONS)
 def si_command(
     checkpoint: CheckpointArg,
-    dataset: DatasetOpt = None,
-    data_dir: DataDirOpt = None,
-    fraction: FractionOpt = 0.1,
-    splits: Annotated[
-        str, Opt(help="Comma-separated splits to measure: train, val, test.", rich_help_panel=SI)
-    ] = "train,test",
-    device: DeviceOpt = "auto",
-    batch_size: BatchOpt = None,
-    out: Annotated[Path | None, Opt(help="Folder for si.json and si.png.")] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
+    *,
+    flags: dict[str, Any],
 ) -> None:
     """Separation Index and Center SI of every feature layer, train and test.
 
     Measured on class-balanced subsets of each split; writes si.json and si.png (default
     folder: CHECKPOINT-si beside the checkpoint)."""
-    from distml.config import SiSettings, validate_settings
     from distml.taps import measure_layers
 
-    values = {
-        "checkpoint": checkpoint,
-        "dataset": dataset,
-        "data_dir": data_dir,
-        "fraction": fraction,
-        "splits": [s.strip() for s in splits.split(",") if s.strip()],
-        "device": device,
-        "batch_size": batch_size,
-        "out": out,
-    }
-    settings = validate_settings(SiSettings, values, SI_FLAG_NAMES)
+    settings = checkpoint_settings(SiSettings, SI_OPTIONS, checkpoint, flags)
     emit(measure_layers(settings, show_progress=not quiet), json_, si_report)
 
 
@@ -562,35 +385,23 @@ def si_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@app.command("prune")
+@app.command("prune", cls=PanelCommand)
 @user_errors
+@setting_options(PruneSettings, PRUNE_OPTIONS)
 def prune_command(
     checkpoint: CheckpointArg,
-    criterion: CriterionOpt = "si",
-    tolerance: ToleranceOpt = 0.01,
-    fraction: FractionOpt = 0.1,
-    dataset: DatasetOpt = None,
-    data_dir: DataDirOpt = None,
-    device: DeviceOpt = "auto",
-    batch_size: BatchOpt = None,
-    head_epochs: HeadEpochsOpt = 0,
-    lr: HeadLrOpt = 0.01,
-    head_batch_size: HeadBatchOpt = None,
-    scheduler: HeadSchedulerOpt = "cosine",
-    mode: ModeOpt = "single",
-    out: Annotated[Path | None, Opt(help="Result folder (default: CHECKPOINT-prune).")] = None,
-    save: SaveOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
+    *,
+    flags: dict[str, Any],
 ) -> None:
     """Cut the tail layers that do not raise the Separation Index; rebuild the classifier.
 
     The layer curve is measured on the training subset; layers after the shortest prefix
     within --tolerance of the best are cut. Writes pruned.safetensors and prune.json."""
     from distml.compress import prune_checkpoint
-    from distml.config import PruneSettings
 
-    settings = compression_settings(PruneSettings, locals())
+    settings = checkpoint_settings(PruneSettings, PRUNE_OPTIONS, checkpoint, flags)
     emit(prune_checkpoint(settings, show_progress=not quiet), json_, prune_report)
 
 
@@ -635,35 +446,15 @@ def prune_report(r: dict[str, Any]) -> str:
     return "\n".join(lines + compression_lines(r) + [f"plot          {r['plot']}"])
 
 
-@app.command("select-features")
+@app.command("select-features", cls=PanelCommand)
 @user_errors
+@setting_options(SelectSettings, SELECT_OPTIONS)
 def select_features_command(
     checkpoint: CheckpointArg,
-    layer: Annotated[
-        str | None, Opt(help="Feature layer (default: the last one).", rich_help_panel=SI)
-    ] = None,
-    criterion: CriterionOpt = "si",
-    tolerance: ToleranceOpt = 0.01,
-    max_features: Annotated[
-        int | None,
-        Opt(help="Greedy steps (default: every channel of the layer).", rich_help_panel=SI),
-    ] = None,
-    fraction: FractionOpt = 0.1,
-    dataset: DatasetOpt = None,
-    data_dir: DataDirOpt = None,
-    device: DeviceOpt = "auto",
-    batch_size: BatchOpt = None,
-    head_epochs: HeadEpochsOpt = 0,
-    lr: HeadLrOpt = 0.01,
-    head_batch_size: HeadBatchOpt = None,
-    scheduler: HeadSchedulerOpt = "cosine",
-    mode: ModeOpt = "single",
-    out: Annotated[
-        Path | None, Opt(help="Result folder (default: CHECKPOINT-select-LAYER).")
-    ] = None,
-    save: SaveOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
+    *,
+    flags: dict[str, Any],
 ) -> None:
     """Select a layer's channels by the Separation Index; remove the others.
 
@@ -671,9 +462,8 @@ def select_features_command(
     the weights and the classifier is rebuilt. Writes selected.safetensors, selection.json and
     selection.png."""
     from distml.compress import select_checkpoint_features
-    from distml.config import SelectSettings
 
-    settings = compression_settings(SelectSettings, locals())
+    settings = checkpoint_settings(SelectSettings, SELECT_OPTIONS, checkpoint, flags)
     emit(select_checkpoint_features(settings, show_progress=not quiet), json_, select_report)
 
 
@@ -691,69 +481,46 @@ def select_report(r: dict[str, Any]) -> str:
     return "\n".join(lines + compression_lines(r) + [f"plot          {r['plot']}"])
 
 
-@app.command("study")
+@app.command("study", cls=PanelCommand)
 @user_errors
+@setting_options(StudySettings, STUDY_OPTIONS, from_config="training.")
 def study_command(
-    config: Annotated[Path, Opt(help="Training settings of step 1 (e.g. configs/vgg16.toml).")],
+    config: Annotated[
+        Path, Opt(metavar="PATH", help="Training settings of step 1 (e.g. configs/vgg16.toml).")
+    ],
     set_: Annotated[
         list[str] | None,
-        Opt("--set", help="dotted.key=value for the step-1 training settings; repeatable."),
+        Opt(
+            "--set",
+            metavar="KEY=VALUE",
+            help="dotted.key=value for the step-1 training settings; repeatable.",
+        ),
     ] = None,
-    out: Annotated[Path, Opt(help="Report folder (every step's outputs go inside).")] = Path(
-        "artifacts/study"
-    ),
-    epochs: Annotated[int | None, Opt(help="Step-1 epochs (default: the config's).")] = None,
-    dataset: Annotated[str | None, Opt(help="Default: the config's.")] = None,
-    data_dir: Annotated[Path | None, Opt(help="Default: the config's.")] = None,
-    device: Annotated[Literal["auto", "cuda", "cpu"] | None, Opt()] = None,
-    mode: Annotated[
-        Literal["single", "dp", "ddp"] | None, Opt(help="Mode of every training run.")
-    ] = None,
-    head_epochs: Annotated[
-        int, Opt(help="Epochs of every new classifier head (steps 2 and 3).")
-    ] = 30,
-    lr: HeadLrOpt = 0.01,
-    fraction: FractionOpt = 0.1,
-    criterion: CriterionOpt = "si",
-    layer_tolerance: Annotated[float, Opt(help="prune --tolerance.", rich_help_panel=SI)] = 0.01,
-    feature_tolerance: Annotated[
-        float, Opt(help="select-features --tolerance.", rich_help_panel=SI)
-    ] = 0.01,
-    layer: Annotated[
-        str | None, Opt(help="select-features --layer (default: the last kept).")
-    ] = None,
-    max_features: Annotated[int | None, Opt(help="select-features --max-features.")] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
+    *,
+    flags: dict[str, Any],
 ) -> None:
     """The VGG16 Separation-Index study (Part B) in one command, with one report.
 
     Train (1), new head on frozen features (2), SI per layer, prune, select features, new
     heads (3), SI per layer of every model (4); writes report.md, report.json and every plot
     into --out."""
-    from distml.config import StudySettings, TrainConfig, resolve_settings, validate_settings
     from distml.study import run_study
 
-    flags = {
-        "train.epochs": epochs,
-        "data.dataset": dataset,
-        "data.data_dir": data_dir,
-        "train.device": device,
-        "dist.mode": mode,
+    prefix = "training."
+    training_flags = {
+        key.removeprefix(prefix): value for key, value in flags.items() if key.startswith(prefix)
     }
-    training = resolve_settings(TrainConfig, config, flags, set_, FLAG_NAMES)
-    values = {
-        "training": training,
-        "out": out,
-        "head": {"epochs": head_epochs, "lr": lr, "mode": training.dist.mode},
-        "fraction": fraction,
-        "criterion": criterion,
-        "layer_tolerance": layer_tolerance,
-        "feature_tolerance": feature_tolerance,
-        "layer": layer,
-        "max_features": max_features,
-    }
-    settings = validate_settings(StudySettings, values, SI_FLAG_NAMES)
+    names = flag_names(STUDY_OPTIONS)
+    training_names = {key.removeprefix(prefix): flag for key, flag in names.items()}
+    training = resolve_settings(TrainConfig, config, training_flags, set_, training_names)
+    # the study's own head defaults (30 epochs) under the head flags: a partly given section
+    # would otherwise start from HeadSettings' defaults
+    head = StudySettings.model_fields["head"].get_default(call_default_factory=True)
+    values = {"head": head.model_dump(), "training": training, "head.mode": training.dist.mode}
+    values |= {key: value for key, value in flags.items() if not key.startswith(prefix)}
+    settings = resolve_settings(StudySettings, flags=values, flag_names=names)
     emit(run_study(settings, show_progress=not quiet), json_, study_report)
 
 

@@ -40,7 +40,6 @@ import torch
 
 from distml.checkpoint import (
     Checkpoint,
-    atomic_write,
     atomic_write_json,
     load_checkpoint,
     model_from_checkpoint,
@@ -57,7 +56,7 @@ from distml.config import (
 )
 from distml.dist import device_name
 from distml.errors import DistmlError
-from distml.evaluate import check_out_dir, default_out
+from distml.files import check_out_dir, check_save_target, copy_file, default_out
 from distml.models import (
     Classifier,
     LayerPlan,
@@ -262,9 +261,7 @@ def check_outputs(out: Path, result_file: str, settings: PruneSettings) -> None:
             raise DistmlError(
                 f"{out} already holds a result ({name}). Choose another --out or delete it."
             )
-    save = settings.save
-    if save is not None and save.is_dir():
-        raise DistmlError(f"--save {save} is a directory; give a file path ending .safetensors.")
+    check_save_target(settings.save)
 
 
 def compressed_checkpoint(
@@ -401,8 +398,7 @@ def finish(
         result["head_training"] = head
     if settings.save is not None:  # the final model: the head-trained one when there is one
         final = Path(result["head_training"]["checkpoint"]) if settings.head.epochs else path
-        data = final.read_bytes()
-        atomic_write(settings.save, lambda tmp: tmp.write_bytes(data))
+        copy_file(final, settings.save)
     result |= provenance | {
         "source": str(settings.checkpoint),
         "samples": len(taps.subsets["train"].labels),

@@ -12,21 +12,26 @@ import difflib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from types import NoneType, UnionType
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
+from distml.choices import (
+    Arch,
+    Backend,
+    Criterion,
+    DeviceChoice,
+    Mode,
+    Norm,
+    Optimizer,
+    Precision,
+    Scheduler,
+    SplitName,
+)
 from distml.errors import SettingsError
-
-Arch = Literal["cnn", "vgg16"]
-Norm = Literal["batch", "group", "layer", "instance", "none"]
-Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
-Scheduler = Literal["step", "cosine", "onecycle", "none"]
-Precision = Literal["32", "16-mixed", "bf16-mixed"]
-DeviceChoice = Literal["auto", "cuda", "cpu"]
-Mode = Literal["single", "dp", "ddp"]
-Backend = Literal["nccl", "gloo"]
 
 BUILTIN_DATASETS = ("cifar10", "synthetic")
 M = TypeVar("M", bound=BaseModel)
@@ -42,7 +47,7 @@ class ModelSettings(Section):
     arch: Arch = Field("cnn", description="cnn (ResNet-9 family) or vgg16 (CIFAR variant)")
     width: float = Field(1.0, gt=0, le=16, description="channel multiplier; 1.0 = standard")
     depth: int = Field(8, ge=1, le=64, description="conv blocks of the cnn (8 = ResNet-9)")
-    norm: Norm = "batch"
+    norm: Norm = Field("batch", description="normalisation layer after each convolution")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout before each classifier layer")
     head_hidden: list[int] = Field(
         default_factory=list, description="hidden sizes of the classifier (vgg16: [] = 512->10)"
@@ -82,12 +87,12 @@ class DataSettings(Section):
 
 
 class OptimSettings(Section):
-    optimizer: Optimizer = "sgd"
-    lr: float = Field(0.4, gt=0, le=100)
+    optimizer: Optimizer = Field("sgd", description="optimizer")
+    lr: float = Field(0.4, gt=0, le=100, description="peak learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD/RMSprop momentum; Adam beta1")
-    nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0, lt=1)
-    scheduler: Scheduler = "onecycle"
+    nesterov: bool = Field(True, description="SGD: Nesterov momentum")
+    weight_decay: float = Field(5e-4, ge=0, lt=1, description="L2 weight decay")
+    scheduler: Scheduler = Field("onecycle", description="learning-rate schedule")
     step_size: int = Field(30, ge=1, description="step scheduler: epochs between decays")
     gamma: float = Field(0.1, gt=0, le=1, description="step scheduler: decay factor")
     warmup_fraction: float = Field(
@@ -127,20 +132,22 @@ def check_backend_device(backend: str | None, device: str, error: type[Exception
 
 
 class TrainSettings(Section):
-    epochs: int = Field(24, ge=1, le=100_000)
+    epochs: int = Field(24, ge=1, le=100_000, description="training epochs")
     batch_size: int = Field(
         512, ge=1, description="effective batch per optimizer step, over all ranks and micro-steps"
     )
     accum_steps: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
-    eval_batch_size: int = Field(1024, ge=1)
-    label_smoothing: float = Field(0.2, ge=0, lt=1)
+    eval_batch_size: int = Field(1024, ge=1, description="images per evaluation batch")
+    label_smoothing: float = Field(0.2, ge=0, lt=1, description="cross-entropy label smoothing")
     early_stop: int | None = Field(
         None, ge=1, description="stop after this many epochs without a better val accuracy"
     )
-    precision: Precision = "32"
-    device: DeviceChoice = "auto"
-    seed: int = Field(0, ge=0)
-    deterministic: bool = False
+    precision: Precision = Field(
+        "32", description="32-bit, fp16 with a GradScaler, or bf16 autocast"
+    )
+    device: DeviceChoice = Field("auto", description="auto: CUDA when available")
+    seed: int = Field(0, ge=0, description="seed of weights, split and data order")
+    deterministic: bool = Field(False, description="reproducible kernels (slower)")
     channels_last: bool = Field(True, description="NHWC memory layout on CUDA (faster convs)")
     compile: bool = Field(False, description="torch.compile the model")
     nonfinite_patience: int = Field(
@@ -154,13 +161,15 @@ class TrainSettings(Section):
 
 
 class DistSettings(Section):
-    mode: Mode = Field("single", description="single, dp (nn.DataParallel) or ddp")
-    nproc: int | None = Field(None, ge=1, description="ddp ranks per node (default: every GPU)")
+    mode: Mode = Field("single", description="one device, nn.DataParallel (legacy) or DDP")
+    nproc: int | None = Field(
+        None, ge=1, description="ddp ranks per node (default: every GPU; 2 on CPU)"
+    )
     backend: Backend | None = Field(None, description="default: nccl on CUDA, gloo on CPU")
     sync_bn: bool = Field(False, description="ddp: synchronise BatchNorm statistics")
     max_restarts: int = Field(0, ge=0, description="ddp: elastic restarts after a rank failure")
-    nnodes: int = Field(1, ge=1)
-    node_rank: int = Field(0, ge=0)
+    nnodes: int = Field(1, ge=1, description="nodes in the job (multi-node ddp)")
+    node_rank: int = Field(0, ge=0, description="this node's rank (multi-node ddp)")
     rdzv_endpoint: str | None = Field(None, description="host:port of the rendezvous (multi-node)")
     timeout_seconds: int = Field(600, ge=10, description="collective timeout before a rank fails")
 
@@ -183,12 +192,12 @@ class OutputSettings(Section):
 class TrainConfig(Section):
     """Everything ``distml train`` needs; written to ``<run>/config.json``."""
 
-    model: ModelSettings = Field(default_factory=ModelSettings)
-    data: DataSettings = Field(default_factory=DataSettings)
-    optim: OptimSettings = Field(default_factory=OptimSettings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
-    dist: DistSettings = Field(default_factory=DistSettings)
-    output: OutputSettings = Field(default_factory=OutputSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings, description="the network")
+    data: DataSettings = Field(default_factory=DataSettings, description="dataset and split")
+    optim: OptimSettings = Field(default_factory=OptimSettings, description="optimizer")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="the loop")
+    dist: DistSettings = Field(default_factory=DistSettings, description="devices and ranks")
+    output: OutputSettings = Field(default_factory=OutputSettings, description="run folder")
 
     @model_validator(mode="after")
     def _cross_section(self) -> TrainConfig:
@@ -201,13 +210,17 @@ class TrainConfig(Section):
 class EvalSettings(Section):
     """``distml eval``: which checkpoint, on which data; unset data = the checkpoint's own."""
 
-    checkpoint: Path
-    dataset: str | None = None
-    data_dir: Path | None = None
-    split: Literal["test", "val", "train"] = "test"
-    device: DeviceChoice = "auto"
-    batch_size: int | None = Field(None, ge=1)
-    out: Path | None = None
+    checkpoint: Path = Field(description="a distml .safetensors checkpoint")
+    dataset: str | None = Field(None, description="default: the checkpoint's dataset")
+    data_dir: Path | None = Field(None, description="default: the checkpoint's data folder")
+    split: SplitName = Field("test", description="the split to evaluate")
+    device: DeviceChoice = Field("auto", description="auto: CUDA when available")
+    batch_size: int | None = Field(
+        None, ge=1, description="images per batch (default: the checkpoint's eval batch)"
+    )
+    out: Path | None = Field(
+        None, description="folder for eval.json and confusion.png (default: beside the checkpoint)"
+    )
 
 
 # ----------------------------------------------------------------------------- sources
@@ -241,8 +254,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def parse_assignment(text: str) -> tuple[str, Any]:
-    """``a.b=value`` -> ("a.b", value); the value is read as JSON when it parses, else a string."""
+def parse_assignment(text: str, model: type[BaseModel] | None = None) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", value), the value read for the field's type: a text field
+    (str, path, text choice) keeps the text, so ``output.name=2024`` stays "2024"; other
+    values are read as JSON when they parse, else kept as text. ``null`` unsets a field."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -251,8 +266,47 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
-        value = raw
+        return key, raw
+    field = find_field(model, key) if model is not None else None
+    if field is not None and holds_text(field[0].annotation) and value is not None:
+        return key, value if isinstance(value, str) else raw
     return key, value
+
+
+def holds_text(annotation: Any) -> bool:
+    """Whether a field of this type takes text: str, Path or a Literal of strings (or None)."""
+    if get_origin(annotation) in (Union, UnionType):
+        kinds = [arg for arg in get_args(annotation) if arg is not NoneType]
+        return bool(kinds) and all(holds_text(kind) for kind in kinds)
+    if get_origin(annotation) is Literal:
+        return all(isinstance(choice, str) for choice in get_args(annotation))
+    return annotation is str or annotation is Path
+
+
+def find_field(model: type[BaseModel], dotted: str) -> tuple[FieldInfo, Any] | None:
+    """The field at ``a.b`` of a settings model and its default (a section's own default
+    wins: the study's head trains 30 epochs); None when no such field exists."""
+    *sections, leaf = dotted.split(".")
+    owner: Any = model
+    section_default: BaseModel | None = None
+    for name in sections:
+        field = owner.model_fields.get(name) if isinstance(owner, type) else None
+        if field is None:
+            return None
+        if section_default is not None:
+            value = getattr(section_default, name)
+        else:
+            value = field.get_default(call_default_factory=True)
+        section_default = value if isinstance(value, BaseModel) else None
+        owner = type(value) if section_default is not None else field.annotation
+        if not (isinstance(owner, type) and issubclass(owner, BaseModel)):
+            return None
+    field = owner.model_fields.get(leaf)
+    if field is None:
+        return None
+    if section_default is not None:
+        return field, getattr(section_default, leaf)
+    return field, field.get_default(call_default_factory=True)
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -314,7 +368,7 @@ def resolve_settings(
         if value is not None:
             set_dotted(tree, key, value)
     for text in assignments or []:
-        set_dotted(tree, *parse_assignment(text))
+        set_dotted(tree, *parse_assignment(text, model))
     return validate_settings(model, tree, flag_names)
 
 
@@ -332,20 +386,17 @@ def validate_settings(
 # Settings of `distml si`, `prune`, `select-features` and `study` (distml/taps.py,
 # distml/compress.py, distml/study.py). Unset data fields mean "the checkpoint's own".
 
-Criterion = Literal["si", "center-si"]
-SplitName = Literal["train", "val", "test"]
-
 
 class LayerTapSettings(Section):
     """What every per-layer SI command needs: a checkpoint, its data and the subset."""
 
-    checkpoint: Path
+    checkpoint: Path = Field(description="a distml .safetensors checkpoint")
     dataset: str | None = Field(None, description="default: the checkpoint's dataset")
     data_dir: Path | None = Field(None, description="default: the checkpoint's data folder")
     fraction: float = Field(
         0.1, gt=0, le=1, description="class-balanced fraction of each split that is measured"
     )
-    device: DeviceChoice = "auto"
+    device: DeviceChoice = Field("auto", description="auto: CUDA when available")
     batch_size: int | None = Field(
         None, ge=1, description="images per forward pass (default: the checkpoint's eval batch)"
     )
@@ -355,7 +406,9 @@ class LayerTapSettings(Section):
 class SiSettings(LayerTapSettings):
     """``distml si``: SI and Center SI of every feature layer, per split."""
 
-    splits: list[SplitName] = Field(default_factory=lambda: ["train", "test"], min_length=1)
+    splits: list[SplitName] = Field(
+        default_factory=lambda: ["train", "test"], min_length=1, description="splits to measure"
+    )
 
     @model_validator(mode="after")
     def _unique_splits(self) -> SiSettings:
@@ -368,41 +421,65 @@ class HeadSettings(Section):
     """Training of a rebuilt classifier head on frozen features (the ``--head-*`` flags)."""
 
     epochs: int = Field(0, ge=0, le=100_000, description="0 = do not train the new head")
-    lr: float = Field(0.01, gt=0, le=100)
-    batch_size: int | None = Field(None, ge=1, description="default: the checkpoint's run")
-    scheduler: Scheduler = "cosine"
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    mode: Mode = "single"
+    lr: float = Field(0.01, gt=0, le=100, description="learning rate of the new head")
+    batch_size: int | None = Field(
+        None, ge=1, description="head training batch (default: the checkpoint's run)"
+    )
+    scheduler: Scheduler = Field("cosine", description="learning-rate schedule of the new head")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
+    mode: Mode = Field("single", description="how the new head is trained")
 
 
 class PruneSettings(LayerTapSettings):
     """``distml prune``: cut the tail layers whose index does not rise by more than tolerance."""
 
-    criterion: Criterion = "si"
-    tolerance: float = Field(0.01, ge=0, le=1, description="index units (a fraction of samples)")
-    save: Path | None = Field(None, description="also write the compressed checkpoint here")
-    head: HeadSettings = Field(default_factory=HeadSettings)
+    criterion: Criterion = Field("si", description="the index the decisions use")
+    tolerance: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="keep the shortest prefix within this of the best index (index units)",
+    )
+    save: Path | None = Field(
+        None, description="also write the final model here (the head-trained one, if any)"
+    )
+    head: HeadSettings = Field(
+        default_factory=HeadSettings, description="training of the rebuilt classifier"
+    )
 
 
 class SelectSettings(PruneSettings):
     """``distml select-features``: greedy channel selection in one layer, then slicing."""
 
-    layer: str | None = Field(None, description="default: the last feature layer")
-    max_features: int | None = Field(None, ge=1, description="greedy steps (default: all)")
+    layer: str | None = Field(None, description="feature layer (default: the last one)")
+    max_features: int | None = Field(
+        None, ge=1, description="greedy steps (default: every channel of the layer)"
+    )
 
 
 class StudySettings(Section):
     """``distml study``: Part B steps 1-4 from one training config, into one report folder."""
 
-    training: TrainConfig
-    out: Path = Path("artifacts/study")
-    head: HeadSettings = Field(default_factory=lambda: HeadSettings(epochs=30))
-    fraction: float = Field(0.1, gt=0, le=1)
-    criterion: Criterion = "si"
-    layer_tolerance: float = Field(0.01, ge=0, le=1)
-    feature_tolerance: float = Field(0.01, ge=0, le=1)
-    layer: str | None = None
-    max_features: int | None = Field(None, ge=1)
+    training: TrainConfig = Field(description="the training settings of step 1")
+    out: Path = Field(
+        Path("artifacts/study"), description="report folder (every step's outputs go inside)"
+    )
+    head: HeadSettings = Field(
+        default_factory=lambda: HeadSettings(epochs=30),
+        description="training of every new classifier head (steps 2 and 3)",
+    )
+    fraction: float = Field(
+        0.1, gt=0, le=1, description="class-balanced fraction of each split that is measured"
+    )
+    criterion: Criterion = Field("si", description="the index the decisions use")
+    layer_tolerance: float = Field(0.01, ge=0, le=1, description="prune's tolerance")
+    feature_tolerance: float = Field(0.01, ge=0, le=1, description="select-features' tolerance")
+    layer: str | None = Field(
+        None, description="select-features' layer (default: the last kept one)"
+    )
+    max_features: int | None = Field(
+        None, ge=1, description="select-features' greedy steps (default: every channel)"
+    )
 
     @model_validator(mode="after")
     def _head_trains(self) -> StudySettings:

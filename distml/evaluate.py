@@ -25,6 +25,7 @@ from distml.data import (
 )
 from distml.dist import RunContext, device_name, resolve_device
 from distml.errors import DistmlError
+from distml.files import check_out_dir, default_out
 from distml.metrics import evaluate
 from distml.plots import plot_confusion
 from distml.progress import Reporter
@@ -70,16 +71,6 @@ def check_compatible(ckpt: Checkpoint, data: ImageDataset) -> None:
             f"dataset {data.name} has {len(data.classes)} ({', '.join(data.classes[:5])}"
             f"{', ...' if len(data.classes) > 5 else ''}). Use a dataset with the same classes."
         )
-
-
-def default_out(checkpoint: Path, suffix: str) -> Path:
-    """Where a command that reads a checkpoint puts its results: ``<stem>-<suffix>/`` beside it."""
-    return checkpoint.parent / f"{checkpoint.stem}-{suffix}"
-
-
-def check_out_dir(out: Path, flag: str = "--out") -> None:
-    if out.exists() and not out.is_dir():
-        raise DistmlError(f"{flag} {out} is a file; give a folder for the results.")
 
 
 def evaluate_checkpoint(settings: EvalSettings, *, show_progress: bool = True) -> dict[str, Any]:

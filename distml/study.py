@@ -38,7 +38,7 @@ from distml.config import (
     TrainConfig,
 )
 from distml.errors import DistmlError
-from distml.evaluate import check_out_dir
+from distml.files import check_out_dir
 from distml.models import ModelSpec, full_layer_names
 from distml.progress import Reporter
 from distml.taps import measure_layers

@@ -4,7 +4,13 @@ from pathlib import Path
 import pytest
 
 from distml.config import (
+    EvalSettings,
+    SelectSettings,
+    SiSettings,
+    StudySettings,
     TrainConfig,
+    find_field,
+    known_keys,
     parse_assignment,
     read_config_file,
     resolve_settings,
@@ -105,6 +111,39 @@ def test_set_values_are_json_or_strings():
     assert parse_assignment("train.deterministic=true") == ("train.deterministic", True)
     with pytest.raises(SettingsError):
         parse_assignment("no-equals-sign")
+
+
+def test_set_reads_the_value_as_the_field_type():
+    # a text field keeps digits as text (bug 6: output.name=2024 was refused as a number)
+    settings = resolve_settings(TrainConfig, assignments=["output.name=2024"])
+    assert settings.output.name == "2024"
+    assert parse_assignment('output.name="my run"', TrainConfig) == ("output.name", "my run")
+    assert parse_assignment("output.name=null", TrainConfig) == ("output.name", None)
+    # a text choice that looks like a number, and numbers, lists and switches as before
+    assert resolve_settings(TrainConfig, assignments=["train.precision=32"]).train.precision == "32"
+    settings = resolve_settings(
+        TrainConfig,
+        assignments=["train.epochs=3", "model.head_hidden=[64]", "train.deterministic=true"],
+    )
+    assert (settings.train.epochs, settings.model.head_hidden) == (3, [64])
+    assert settings.train.deterministic is True
+
+
+def test_set_wins_over_flags_for_text_fields():
+    settings = resolve_settings(
+        TrainConfig, flags={"output.name": "from-flag"}, assignments=["output.name=007"]
+    )
+    assert settings.output.name == "007"
+
+
+def test_every_setting_has_a_description():
+    missing = [
+        f"{model.__name__}.{key}"
+        for model in (TrainConfig, EvalSettings, SiSettings, SelectSettings, StudySettings)
+        for key in known_keys(model)
+        if not find_field(model, key)[0].description
+    ]
+    assert missing == []
 
 
 def test_cross_section_rules():
