@@ -40,7 +40,6 @@ import torch
 
 from distml.checkpoint import (
     Checkpoint,
-    atomic_write_json,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
@@ -56,7 +55,7 @@ from distml.config import (
 )
 from distml.dist import device_name
 from distml.errors import DistmlError
-from distml.files import check_out_dir, check_save_target, copy_file, default_out
+from distml.files import atomic_write_json, check_out_dir, check_save_target, copy_file, default_out
 from distml.models import (
     Classifier,
     LayerPlan,

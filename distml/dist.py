@@ -115,10 +115,13 @@ def planned_ranks(config: TrainConfig, device: torch.device) -> int:
     if device.type == "cuda":
         visible = torch.cuda.device_count()
         nproc = settings.nproc or visible
-        if nproc > visible:
+        # NCCL refuses two ranks on one GPU; gloo ranks may share GPUs (round robin), which
+        # is how a one-GPU machine exercises the multi-rank DDP path with CUDA tensors
+        if nproc > visible and (settings.backend or default_backend(device)) == "nccl":
             raise DistmlError(
-                f"--nproc {nproc} asks for more ranks than the {visible} visible GPU(s). "
-                f"Use --nproc {visible} or fewer (one rank per GPU), or make more GPUs visible."
+                f"--nproc {nproc} asks for more ranks than the {visible} visible GPU(s), and "
+                f"NCCL runs one rank per GPU. Use --nproc {visible} or fewer, make more GPUs "
+                "visible, or use --backend gloo (ranks then share the GPUs)."
             )
         return nproc
     return settings.nproc or 2
@@ -142,7 +145,8 @@ def check_ddp_settings(config: TrainConfig, device: torch.device, world_size: in
 
 def setup_ddp(config: TrainConfig, env: TorchrunEnv) -> RunContext:
     """Join the process group as the training rank described by ``env``."""
-    device = rank_device(resolve_device(config.train.device), env)
+    backend = config.dist.backend or default_backend(resolve_device(config.train.device))
+    device = rank_device(resolve_device(config.train.device), env, backend)
     backend = check_ddp_settings(config, device, env.world_size)
     return join_process_group(env, device, backend, config.dist.timeout_seconds)
 
@@ -155,19 +159,22 @@ def join_from_env(
     env = torchrun_env()
     if env is None:
         raise DistmlError("internal: a rank started without RANK/WORLD_SIZE set.")
-    device = rank_device(resolve_device(device_choice), env)
-    return join_process_group(env, device, backend or default_backend(device), timeout_seconds)
+    device = resolve_device(device_choice)
+    backend = backend or default_backend(device)
+    return join_process_group(env, rank_device(device, env, backend), backend, timeout_seconds)
 
 
-def rank_device(device: torch.device, env: TorchrunEnv) -> torch.device:
-    """The device of a rank: the GPU of its local rank, or the CPU (with its share of cores)."""
+def rank_device(device: torch.device, env: TorchrunEnv, backend: str) -> torch.device:
+    """The device of a rank: the GPU of its local rank (gloo ranks beyond the GPU count share
+    them round robin), or the CPU (with its share of cores)."""
     if device.type == "cuda":
-        if env.local_rank >= torch.cuda.device_count():
+        visible = torch.cuda.device_count()
+        if env.local_rank >= visible and backend == "nccl":
             raise DistmlError(
-                f"local rank {env.local_rank} has no GPU: only {torch.cuda.device_count()} are "
-                "visible. Start one rank per GPU (--nproc-per-node at most the GPU count)."
+                f"local rank {env.local_rank} has no GPU: only {visible} are visible and NCCL "
+                "runs one rank per GPU. Start at most one rank per GPU, or use --backend gloo."
             )
-        device = torch.device("cuda", env.local_rank)
+        device = torch.device("cuda", env.local_rank % visible)
         torch.cuda.set_device(device)
     elif not env.omp_threads_set:
         # CPU ranks share the cores: without this each rank spins every core's OpenMP

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from distml.checkpoint import Checkpoint, atomic_write_json, load_checkpoint, model_from_checkpoint
+from distml.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
 from distml.config import DataSettings, EvalSettings, validate_settings
 from distml.data import (
     ImageDataset,
@@ -25,7 +25,7 @@ from distml.data import (
 )
 from distml.dist import RunContext, device_name, resolve_device
 from distml.errors import DistmlError
-from distml.files import check_out_dir, default_out
+from distml.files import atomic_write_json, check_out_dir, default_out
 from distml.metrics import evaluate
 from distml.plots import plot_confusion
 from distml.progress import Reporter

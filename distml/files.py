@@ -1,15 +1,62 @@
-"""Output paths and file copies that several commands share: where results go by default,
-which targets are refused before any work, and the one atomic copy of a finished file."""
+"""Atomic writes, output paths and file copies that several commands share: where results go
+by default, which targets are refused before any work, and the one atomic copy of a finished
+file."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-# atomic_write belongs here (DESIGN.md: files.py owns atomic writes); it still lives in
-# checkpoint.py until that module imports it from here
-from distml.checkpoint import atomic_write
 from distml.errors import DistmlError
+
+
+def fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through ``write(tmp)`` to a temp file beside ``path``, fsync, then rename over it.
+    A crash at any moment leaves either the old file or the new one, never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        # the usual permissions of a new file: some writers (safetensors) create them 0600
+        os.chmod(tmp, 0o666 & ~current_umask())
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_directory(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def default_out(checkpoint: Path, suffix: str) -> Path:

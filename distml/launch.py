@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from distml.checkpoint import STATE_FILE, atomic_write_json, load_checkpoint, model_from_checkpoint
+from distml.checkpoint import STATE_FILE, load_checkpoint, model_from_checkpoint
 from distml.config import DistSettings, TrainConfig, format_validation_error
 from distml.data import ImageDataset, load_dataset
 from distml.dist import (
@@ -47,6 +47,7 @@ from distml.errors import (
     user_exit_codes,
 )
 from distml.evaluate import check_input_shape
+from distml.files import atomic_write_json, check_save_target
 from distml.progress import Reporter
 from distml.train import fit
 
@@ -151,9 +152,7 @@ def check_inputs(config: TrainConfig, run_dir: Path | None = None) -> ImageDatas
             f"{path} already holds a run (it has a config.json). Choose another --out or "
             "--set output.name=..., or delete that directory first."
         )
-    save = config.output.save
-    if save is not None and save.is_dir():
-        raise DistmlError(f"--save {save} is a directory; give a file path ending in .safetensors.")
+    check_save_target(config.output.save)
     dataset = load_dataset(config.data)
     if config.model.init is not None:
         ckpt = load_checkpoint(config.model.init)

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from distml.checkpoint import atomic_write_text
 from distml.dist import RunContext, all_reduce_sum
+from distml.files import atomic_write_text
 
 METRIC_COLUMNS = (
     "epoch",

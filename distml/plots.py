@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from distml.checkpoint import atomic_write
+from distml.files import atomic_write
 
 
 def save_figure(fig: Any, path: Path) -> None:

@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from distml.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
+from distml.checkpoint import load_checkpoint
 from distml.compress import (
     head_training_config,
     plan_slice,
@@ -38,7 +38,7 @@ from distml.config import (
     TrainConfig,
 )
 from distml.errors import DistmlError
-from distml.files import check_out_dir
+from distml.files import atomic_write_json, atomic_write_text, check_out_dir
 from distml.models import ModelSpec, full_layer_names
 from distml.progress import Reporter
 from distml.taps import measure_layers

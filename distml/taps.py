@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
-from distml.checkpoint import Checkpoint, atomic_write_json, load_checkpoint, model_from_checkpoint
+from distml.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
 from distml.config import LayerTapSettings, SiSettings
 from distml.data import Normalize, balanced_indices, to_device_nchw
 from distml.dist import device_name, resolve_device
 from distml.errors import DistmlError
 from distml.evaluate import checkpoint_data
-from distml.files import check_out_dir, default_out
+from distml.files import atomic_write_json, check_out_dir, default_out
 from distml.models import Classifier, feature_plan, feature_shapes, iter_feature_outputs
 from distml.plots import plot_layer_indices
 from distml.progress import Reporter

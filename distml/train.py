@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,8 +25,6 @@ from distml.checkpoint import (
     STATE_FILE,
     Checkpoint,
     TrainingState,
-    atomic_write,
-    atomic_write_json,
     bare_model,
     load_checkpoint,
     local_rng_states,
@@ -60,6 +57,7 @@ from distml.dist import (
 )
 from distml.errors import DistmlError, Interrupted, TrainingDiverged
 from distml.evaluate import check_input_shape
+from distml.files import atomic_write_json, copy_file
 from distml.metrics import autocast_context, evaluate, overfitting_verdict, write_metrics
 from distml.models import Classifier, ModelSpec, build_model, count_parameters, describe
 from distml.plots import plot_curves
@@ -823,10 +821,6 @@ def meta_with(meta: Checkpoint, epoch: int, metrics: dict[str, Any]) -> Checkpoi
         metrics=metrics,
         extra=meta.extra,
     )
-
-
-def copy_file(source: Path, target: Path) -> None:
-    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def epoch_line(row: dict[str, Any], epochs: int, improved: bool) -> str:

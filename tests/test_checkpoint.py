@@ -5,14 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from distml.checkpoint import (
-    Checkpoint,
-    atomic_write_text,
-    load_checkpoint,
-    model_from_checkpoint,
-    save_checkpoint,
-)
+from distml.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from distml.errors import DistmlError
+from distml.files import atomic_write_text
 from distml.models import ModelSpec, build_model
 
 
@@ -53,7 +48,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path):
     class Boom(Exception):
         pass
 
-    from distml.checkpoint import atomic_write
+    from distml.files import atomic_write
 
     def failing(tmp: Path) -> None:
         tmp.write_text("half")

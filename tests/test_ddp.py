@@ -141,6 +141,9 @@ def test_more_ranks_than_gpus_is_refused(monkeypatch):
     config = TrainConfig.model_validate({"dist": {"mode": "ddp", "nproc": 2}})
     with pytest.raises(DistmlError, match=r"--nproc 2 asks for more ranks than the 1 visible"):
         planned_ranks(config, torch.device("cuda"))
+    # gloo ranks share the one GPU (the multi-rank DDP path on a one-GPU machine)
+    shared = TrainConfig.model_validate({"dist": {"mode": "ddp", "nproc": 2, "backend": "gloo"}})
+    assert planned_ranks(shared, torch.device("cuda")) == 2
     every_gpu = TrainConfig.model_validate({"dist": {"mode": "ddp"}})
     assert planned_ranks(every_gpu, torch.device("cuda")) == 1  # default: every visible GPU
     assert planned_ranks(every_gpu, torch.device("cpu")) == 2
