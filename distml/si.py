@@ -55,6 +55,7 @@ __all__ = [
     "SelectionResult",
     "SeparationIndexError",
     "center_separation_index",
+    "kept_prefix",
     "select_features",
     "select_features_naive",
     "separation_index",
@@ -64,6 +65,7 @@ __all__ = [
 Criterion = Literal["si", "center-si"]
 Progress = Callable[[int, int], None]
 
+KEEP_RULE_SLACK = 1e-9  # index values are fractions of samples; float subtraction is inexact
 _BLOCK_BYTES = 256 * 2**20  # one chunk of distances: big enough to keep a GPU busy
 _DTYPES = (torch.float32, torch.float64)
 
@@ -317,12 +319,30 @@ def center_separation_index(
 # ----------------------------------------------------------------------------- selection
 
 
+def kept_prefix(curve: Sequence[float], tolerance: float) -> int:
+    """The keep rule, one copy for layers (prune) and channels (select-features): the length
+    of the shortest prefix with ``curve[k - 1] >= max(curve) - tolerance``.
+
+    Equivalently, nothing after position k exceeds ``curve[k - 1]`` by more than the tolerance.
+    A difference of exactly the tolerance is kept (compared with KEEP_RULE_SLACK for float
+    rounding); tolerance 0 keeps up to the first maximum; equal values keep the shorter prefix.
+    """
+    if len(curve) == 0:
+        raise SeparationIndexError("the curve is empty")
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise SeparationIndexError(f"tolerance must be >= 0, got {tolerance}")
+    best = max(curve)
+    return next(
+        k for k, value in enumerate(curve, 1) if best - value <= tolerance + KEEP_RULE_SLACK
+    )
+
+
 @dataclass(frozen=True)
 class SelectionResult:
     """Outcome of greedy forward selection.
 
     order: channels in the order they were added; curve[k - 1]: the index with the first k.
-    best: max(curve); kept: the smallest k with curve[k - 1] >= best - tolerance.
+    best: max(curve); kept: kept_prefix(curve, tolerance), the keep rule of the CLI.
     """
 
     order: list[int]
@@ -339,9 +359,7 @@ class SelectionResult:
     def from_curve(
         cls, order: Sequence[int], curve: Sequence[float], tolerance: float
     ) -> SelectionResult:
-        best = max(curve)
-        kept = next(k for k, value in enumerate(curve, 1) if value >= best - tolerance)
-        return cls(list(order), list(curve), best, kept)
+        return cls(list(order), list(curve), max(curve), kept_prefix(curve, tolerance))
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready summary (features = 1..len(curve) on the x axis of the SI curve)."""
