@@ -545,8 +545,10 @@ class _IncrementalSI:
         cls = samples.classes
         slot = torch.arange(n, device=device) - starts[cls] + cls * width  # padded column
         self.row_values = x.permute(1, 2, 0).contiguous()  # (C, S, N)
-        self.col_values = x.new_zeros(*self.row_values.shape[:2], self.n_classes * width)
-        self.col_values[:, :, slot] = self.row_values
+        self.col_values = self.row_values  # equal class sizes: no padding, no second copy
+        if self.n_classes * width != n:
+            self.col_values = x.new_zeros(*self.row_values.shape[:2], self.n_classes * width)
+            self.col_values[:, :, slot] = self.row_values
         self.dist = x.new_full((n, self.n_classes * width), math.inf)
         self.dist[:, slot] = 0.0
         self.dist[torch.arange(n, device=device), slot] = math.inf  # self excluded by index
@@ -635,17 +637,27 @@ def select_features(
     steps = _check_selection(
         features, criterion, max_features, tolerance, chunk_size, candidate_batch
     )
-    samples = _prepare(features, labels, dtype)
+    state = _selection_state(features, labels, criterion, dtype, chunk_size, candidate_batch)
     n, n_channels = features.shape[:2]
-    x = samples.x.view(n, n_channels, -1)  # differences need no centring
-    if criterion == "si":
-        state: _IncrementalSI | _IncrementalCenterSI = _IncrementalSI(
-            x, samples, chunk_size, candidate_batch
-        )
-    else:
-        state = _IncrementalCenterSI(x, samples, candidate_batch)
     order, counts = _greedy(n_channels, steps, state.counts, state.add, progress)
     return SelectionResult.from_curve(order, [c / n for c in counts], tolerance)
+
+
+def _selection_state(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    criterion: Criterion,
+    dtype: torch.dtype,
+    chunk_size: int | None,
+    candidate_batch: int | None,
+) -> _IncrementalSI | _IncrementalCenterSI:
+    """The greedy state; the class-sorted working copy of the features is freed on return
+    (the state keeps its own channel-major layout), so the loop holds one copy, not two."""
+    samples = _prepare(features, labels, dtype)
+    x = samples.x.view(*features.shape[:2], -1)  # differences need no centring
+    if criterion == "si":
+        return _IncrementalSI(x, samples, chunk_size, candidate_batch)
+    return _IncrementalCenterSI(x, samples, candidate_batch)
 
 
 def select_features_naive(
