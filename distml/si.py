@@ -102,6 +102,7 @@ class _Samples:
     x: torch.Tensor  # (N, D), a private copy: safe to modify in place
     classes: torch.Tensor  # (N,) class ids 0..K-1, non-decreasing
     bounds: tuple[int, ...]  # K + 1 offsets: class k is rows bounds[k]:bounds[k + 1]
+    mean: torch.Tensor  # (D,) the mean sample
 
 
 def _prepare(features: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> _Samples:
@@ -110,10 +111,11 @@ def _prepare(features: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -
     _, classes, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     by_class = torch.argsort(classes, stable=True)
     x = features.reshape(n, -1)[by_class].to(dtype)  # indexing copies: x is ours
-    if not bool(torch.isfinite(x.sum(1)).all()):  # one pass; NaN and inf survive a sum
+    column_sums = x.sum(0)  # one pass for the check and the mean; NaN and inf survive a sum
+    if not bool(torch.isfinite(column_sums).all()):
         raise SeparationIndexError(f"features contain NaN or infinity (or overflow {dtype})")
     bounds = (0, *torch.cumsum(counts, 0).tolist())
-    return _Samples(x, classes[by_class], bounds)
+    return _Samples(x, classes[by_class], bounds, column_sums.div_(n))
 
 
 def _check_inputs(
@@ -140,9 +142,9 @@ def _check_inputs(
     return features.detach(), labels.to(features.device)  # a measurement: no autograd graph
 
 
-def _centred(x: torch.Tensor) -> torch.Tensor:
+def _centred(samples: _Samples) -> torch.Tensor:
     """Subtract the mean sample in place: |a|^2 + |b|^2 - 2ab then cancels far less."""
-    return x.sub_(x.mean(0))  # any point near the middle will do: no float64 pass needed
+    return samples.x.sub_(samples.mean)  # any point near the middle: no float64 pass needed
 
 
 def _symmetric_block_rows(n: int, element_size: int) -> int:
@@ -369,7 +371,7 @@ def separation_index(
         raise SeparationIndexError(f"order must be an integer in [1, N - 1 = {n - 1}]")
     if chunk_size is not None and chunk_size < 1:
         raise SeparationIndexError("chunk_size must be a positive number of rows")
-    x = _centred(samples.x)
+    x = _centred(samples)
     with tf32_disabled():
         if not soft:
             block_rows = chunk_size or _symmetric_block_rows(n, x.element_size())
@@ -398,7 +400,7 @@ def center_separation_index(
     A sample counts only when its own centre is strictly nearer than every other centre.
     """
     samples = _prepare(features, labels, dtype)
-    x = _centred(samples.x)
+    x = _centred(samples)
     centres = _class_centres(x, samples.bounds)
     with tf32_disabled():
         d2 = _sq_distances(x, _squared_norms(x), centres, _squared_norms(centres))
