@@ -23,12 +23,16 @@ are flattened per sample; labels are N integers; distances are Euclidean.
 Both indices lie in [0, 1]; with a single class every sample counts as separated.
 
 Numerics: features are centred (distances do not change, rounding of |a|^2 + |b|^2 - 2ab does),
-squared distances come from one GEMM per row chunk with TF32 off, in float32 or float64, clamped
-at 0. Duplicated rows share one distance column, so they are at distance exactly 0 from each other
+squared distances come from GEMMs with TF32 off, in float32 or float64, clamped at 0. The hard
+index computes the matrix in square blocks of rows, each pair of blocks once (the upper
+triangle, about half the flops of ``x @ x.T``), and merges every block into both of its row
+ranges' r smallest distances per class; the soft index needs whole rows and keeps row chunks.
+Duplicated rows share one representative row, so they are at distance exactly 0 from each other
 and at bitwise-equal distances from everyone else; other exact ties (say between integer pixel
 distances) hold only up to rounding, so use float64 where those matter. Memory is O(N * D) for
-one working copy of the features plus one chunk of the N x N distance matrix (about 256 MB),
-never the whole matrix.
+one working copy of the features (plus one of the distinct rows where copies exist) and one
+block of distances (at most about 256 MB), never the
+whole matrix.
 
 Greedy selection adds channels one at a time (a channel of an (N, C, H, W) tensor is its H x W
 block). Squared distances add over disjoint channels, so the selector keeps the distances of the
