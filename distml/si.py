@@ -31,8 +31,7 @@ Duplicated rows share one representative row, so they are at distance exactly 0 
 and at bitwise-equal distances from everyone else; other exact ties (say between integer pixel
 distances) hold only up to rounding, so use float64 where those matter. Memory is O(N * D) for
 one working copy of the features (plus one of the distinct rows where copies exist) and one
-block of distances (at most about 256 MB), never the
-whole matrix.
+block of distances (at most about 256 MB), never the whole matrix.
 
 Greedy selection adds channels one at a time (a channel of an (N, C, H, W) tensor is its H x W
 block). Squared distances add over disjoint channels, so the selector keeps the distances of the
