@@ -9,7 +9,8 @@ smallest position with ``c_k >= max(c) - T``. Equivalently: ``k`` is the smalles
 after which no entry exceeds ``c_k`` by more than ``T``: the tail that is cut does not raise
 the index by more than ``T`` over the last kept entry. ``T = 0`` keeps up to the first
 maximum. A difference of exactly ``T`` counts as "not more than T" (up to 1e-9: index values
-are fractions of samples and float subtraction is inexact).
+are fractions of samples and float subtraction is inexact). The rule is ``si.kept_prefix``,
+the one copy that ``select_features`` also uses.
 
 Why not "keep up to the last layer that beats the running maximum by more than T": a slow
 climb of many steps, each smaller than T, would then be cut away although it raises the
@@ -69,27 +70,12 @@ from distml.models import (
 )
 from distml.plots import plot_layer_indices, plot_selection_curve
 from distml.progress import Reporter
-from distml.si import SelectionResult, select_features
+from distml.si import SelectionResult, kept_prefix, select_features
 from distml.taps import TapSource, index_curve, layer_features, open_taps
 
-TOLERANCE_SLACK = 1e-9
 SLICEABLE_NORMS = ("batch", "instance", "none")
 CONV_KEYS = ("conv.weight", "conv.bias")
 NORM_KEYS = ("norm.weight", "norm.bias", "norm.running_mean", "norm.running_var")
-
-# ----------------------------------------------------------------------------- the keep rule
-
-
-def kept_prefix(curve: Sequence[float], tolerance: float) -> int:
-    """The number of leading entries to keep: the smallest k with
-    ``curve[k - 1] >= max(curve) - tolerance`` (see the module doc)."""
-    if not curve:
-        raise ValueError("the curve is empty")
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-    best = max(curve)
-    return next(k for k, v in enumerate(curve, 1) if best - v <= tolerance + TOLERANCE_SLACK)
-
 
 # ----------------------------------------------------------------------------- model surgery
 
@@ -506,8 +492,7 @@ def run_selection(
             tolerance=settings.tolerance,
             progress=lambda done, total: task.advance(1),
         )
-    # the keep rule of this module (the same as prune's, with its tolerance slack)
-    return dataclasses.replace(result, kept=kept_prefix(result.curve, settings.tolerance))
+    return result  # select_features applies si.kept_prefix, the keep rule prune uses
 
 
 def select_checkpoint_features(

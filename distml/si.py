@@ -23,12 +23,15 @@ are flattened per sample; labels are N integers; distances are Euclidean.
 Both indices lie in [0, 1]; with a single class every sample counts as separated.
 
 Numerics: features are centred (distances do not change, rounding of |a|^2 + |b|^2 - 2ab does),
-squared distances come from one GEMM per row chunk with TF32 off, in float32 or float64, clamped
-at 0. Duplicated rows share one distance column, so they are at distance exactly 0 from each other
+squared distances come from GEMMs with TF32 off, in float32 or float64, clamped at 0. The hard
+index computes the matrix in square blocks of rows, each pair of blocks once (the upper
+triangle, about half the flops of ``x @ x.T``), and merges every block into both of its row
+ranges' r smallest distances per class; the soft index needs whole rows and keeps row chunks.
+Duplicated rows share one representative row, so they are at distance exactly 0 from each other
 and at bitwise-equal distances from everyone else; other exact ties (say between integer pixel
 distances) hold only up to rounding, so use float64 where those matter. Memory is O(N * D) for
-one working copy of the features plus one chunk of the N x N distance matrix (about 256 MB),
-never the whole matrix.
+one working copy of the features (plus one of the distinct rows where copies exist) and one
+block of distances (at most about 256 MB), never the whole matrix.
 
 Greedy selection adds channels one at a time (a channel of an (N, C, H, W) tensor is its H x W
 block). Squared distances add over disjoint channels, so the selector keeps the distances of the
@@ -47,7 +50,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from distml.errors import DistmlError
 
@@ -55,6 +57,7 @@ __all__ = [
     "SelectionResult",
     "SeparationIndexError",
     "center_separation_index",
+    "kept_prefix",
     "select_features",
     "select_features_naive",
     "separation_index",
@@ -64,6 +67,7 @@ __all__ = [
 Criterion = Literal["si", "center-si"]
 Progress = Callable[[int, int], None]
 
+KEEP_RULE_SLACK = 1e-9  # index values are fractions of samples; float subtraction is inexact
 _BLOCK_BYTES = 256 * 2**20  # one chunk of distances: big enough to keep a GPU busy
 _DTYPES = (torch.float32, torch.float64)
 
@@ -101,6 +105,7 @@ class _Samples:
     x: torch.Tensor  # (N, D), a private copy: safe to modify in place
     classes: torch.Tensor  # (N,) class ids 0..K-1, non-decreasing
     bounds: tuple[int, ...]  # K + 1 offsets: class k is rows bounds[k]:bounds[k + 1]
+    mean: torch.Tensor  # (D,) the mean sample
 
 
 def _prepare(features: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> _Samples:
@@ -109,10 +114,11 @@ def _prepare(features: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -
     _, classes, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     by_class = torch.argsort(classes, stable=True)
     x = features.reshape(n, -1)[by_class].to(dtype)  # indexing copies: x is ours
-    if not bool(torch.isfinite(x.sum(1)).all()):  # one pass; NaN and inf survive a sum
+    column_sums = x.sum(0)  # one pass for the check and the mean; NaN and inf survive a sum
+    if not bool(torch.isfinite(column_sums).all()):
         raise SeparationIndexError(f"features contain NaN or infinity (or overflow {dtype})")
     bounds = (0, *torch.cumsum(counts, 0).tolist())
-    return _Samples(x, classes[by_class], bounds)
+    return _Samples(x, classes[by_class], bounds, column_sums.div_(n))
 
 
 def _check_inputs(
@@ -139,9 +145,15 @@ def _check_inputs(
     return features.detach(), labels.to(features.device)  # a measurement: no autograd graph
 
 
-def _centred(x: torch.Tensor) -> torch.Tensor:
+def _centred(samples: _Samples) -> torch.Tensor:
     """Subtract the mean sample in place: |a|^2 + |b|^2 - 2ab then cancels far less."""
-    return x.sub_(x.mean(0))  # any point near the middle will do: no float64 pass needed
+    return samples.x.sub_(samples.mean)  # any point near the middle: no float64 pass needed
+
+
+def _symmetric_block_rows(n: int, element_size: int) -> int:
+    """Block side for the symmetric pass: about 8 blocks per side (the upper triangle is then
+    9/16 of the matrix), at least 256 rows (efficient GEMMs), at most 256 MB per block."""
+    return min(max(256, -(-n // 8)), math.isqrt(_BLOCK_BYTES // element_size))
 
 
 def _balanced_chunk(n: int, most: int) -> int:
@@ -151,6 +163,11 @@ def _balanced_chunk(n: int, most: int) -> int:
 
 
 # ----------------------------------------------------------------------------- distances
+
+
+def _squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """|a|^2 of every row without an (N, D) temporary (x.square() would copy the features)."""
+    return torch.einsum("nd,nd->n", x, x)
 
 
 def _sq_distances(
@@ -190,7 +207,7 @@ def _distance_chunks(
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield (rows, squared distances from those rows to all N samples), self = +inf by index."""
     n = x.shape[0]
-    sq = x.square().sum(1)
+    sq = _squared_norms(x)
     first_copy = _first_copies(x)
     step = chunk_size or _balanced_chunk(n, _BLOCK_BYTES // (n * x.element_size()))
     for start in range(0, n, step):
@@ -207,22 +224,6 @@ def _distance_chunks(
 # ----------------------------------------------------------------------------- decisions
 
 
-def _class_smallest(d2: torch.Tensor, bounds: Sequence[int], r: int) -> torch.Tensor:
-    """The r smallest entries of each class's column block: (..., K, r), ascending.
-
-    Classes with fewer than r columns are padded with +inf.
-    """
-    blocks = []
-    for lo, hi in itertools.pairwise(bounds):
-        block = d2[..., lo:hi]
-        if r == 1:  # the hot path: a min, not a partial sort
-            blocks.append(block.amin(-1, keepdim=True))
-            continue
-        smallest = block.topk(min(r, hi - lo), dim=-1, largest=False).values
-        blocks.append(F.pad(smallest, (0, r - smallest.shape[-1]), value=math.inf))
-    return torch.stack(blocks, dim=-2)
-
-
 def _own_beats_others(
     own_dist: torch.Tensor, other_dist: torch.Tensor, classes: torch.Tensor
 ) -> torch.Tensor:
@@ -234,14 +235,6 @@ def _own_beats_others(
     own_value = own_dist.gather(-1, own).squeeze(-1)
     other_value = other_dist.scatter(-1, own, math.inf).amin(-1)
     return own_value < other_value
-
-
-def _hard_separated(
-    d2: torch.Tensor, classes: torch.Tensor, bounds: Sequence[int], order: int
-) -> torch.Tensor:
-    """Rows whose r-th nearest same-class distance is strictly below the nearest other one."""
-    nearest = _class_smallest(d2, bounds, order)
-    return _own_beats_others(nearest[..., order - 1], nearest[..., 0], classes)
 
 
 def _soft_purity(
@@ -259,6 +252,106 @@ def _soft_purity(
 # ----------------------------------------------------------------------------- indices
 
 
+# ----------------------------------------------------------------------------- symmetric blocks
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """The samples a block of representative rows stands for, as distance columns.
+
+    Bit-identical rows share one representative (their first copy), so the GEMM runs over
+    representatives only and every copy reads its representative's distance column: copies
+    are then at bitwise-equal distances from everyone else.
+    """
+
+    gather: torch.Tensor | None  # block-local column of each member (None: members = block)
+    own: torch.Tensor | None  # member position of each representative (diagonal blocks)
+    segments: tuple[tuple[int, int, int], ...]  # (class, first, end) runs of member columns
+
+
+def _block_columns(
+    block: slice, rep_of: torch.Tensor | None, classes: torch.Tensor, reps: torch.Tensor | None
+) -> _Columns:
+    if rep_of is None or reps is None:
+        member_classes, gather, own = classes[block], None, None
+    else:
+        members = torch.nonzero((rep_of >= block.start) & (rep_of < block.stop)).squeeze(1)
+        member_classes, gather = classes[members], rep_of[members] - block.start
+        own = torch.searchsorted(members, reps[block])
+    ids, counts = torch.unique_consecutive(member_classes, return_counts=True)
+    ends = torch.cumsum(counts, 0).tolist()
+    starts = [0, *ends[:-1]]
+    return _Columns(gather, own, tuple(zip(ids.tolist(), starts, ends, strict=True)))
+
+
+def _merge_smallest(
+    smallest: torch.Tensor, d2: torch.Tensor, columns: _Columns, transposed: bool
+) -> None:
+    """Merge the r smallest entries of each class run of d2's columns into smallest (R, K, r).
+
+    transposed: the runs are d2's rows and smallest belongs to its columns, so a block
+    computed once serves both of its row ranges.
+    """
+    dim, r = (0 if transposed else 1), smallest.shape[-1]
+    for k, first, end in columns.segments:
+        run = d2.narrow(dim, first, end - first)
+        if r == 1:  # the hot path: a min, not a partial sort
+            torch.minimum(smallest[:, k, 0], run.amin(dim), out=smallest[:, k, 0])
+            continue
+        found = run.topk(min(r, end - first), dim=dim, largest=False).values
+        merged = torch.cat([smallest[:, k], found.T if transposed else found], 1)
+        smallest[:, k] = merged.topk(r, dim=1, largest=False).values
+
+
+def _class_smallest_symmetric(
+    x: torch.Tensor, samples: _Samples, r: int, block_rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The r smallest squared distances per class of every representative row: (M, K, r).
+
+    Each pair of row blocks is one GEMM (the upper triangle, diagonal blocks once) whose
+    entries update both blocks' rows, so the matrix costs about half of ``x @ x.T``.
+    Returns (smallest, each representative's class, members per representative).
+    """
+    first_copy = _first_copies(x)
+    n, classes, n_classes = x.shape[0], samples.classes, len(samples.bounds) - 1
+    reps = rep_of = None
+    members = torch.ones(n, dtype=torch.long, device=x.device)
+    if first_copy is not None:
+        reps = torch.nonzero(first_copy == torch.arange(n, device=x.device)).squeeze(1)
+        rep_of = torch.searchsorted(reps, first_copy)  # representative position of each row
+        members = torch.bincount(rep_of, minlength=len(reps))
+        x = x[reps]  # copies add no GEMM rows (a copy of the unique rows, not of all)
+    m = x.shape[0]
+    sq = _squared_norms(x)
+    step = _balanced_chunk(m, block_rows)
+    blocks = [slice(lo, min(m, lo + step)) for lo in range(0, m, step)]
+    columns = [_block_columns(b, rep_of, classes, reps) for b in blocks]
+    smallest = x.new_full((m, n_classes, r), math.inf)
+    for i, j in itertools.combinations_with_replacement(range(len(blocks)), 2):
+        rows, cols = blocks[i], blocks[j]
+        d2 = _sq_distances(x[rows], sq[rows], x[cols], sq[cols])
+        wide = _member_distances(d2, columns[j], diagonal=i == j)
+        _merge_smallest(smallest[rows], wide, columns[j], transposed=False)
+        if i != j:
+            tall = d2 if columns[i].gather is None else d2[columns[i].gather]
+            _merge_smallest(smallest[cols], tall, columns[i], transposed=True)
+    rep_classes = classes if reps is None else classes[reps]
+    return smallest, rep_classes, members
+
+
+def _member_distances(d2: torch.Tensor, columns: _Columns, diagonal: bool) -> torch.Tensor:
+    """d2's columns for every member sample; on a diagonal block, copies of a row at exactly
+    0 and the row itself at +inf (self is excluded by index, never by distance)."""
+    if columns.gather is None:
+        return d2.fill_diagonal_(math.inf) if diagonal else d2
+    if diagonal:
+        d2.fill_diagonal_(0.0)
+    wide = d2[:, columns.gather]
+    if diagonal:
+        wide[torch.arange(d2.shape[0], device=d2.device), columns.own] = math.inf
+    return wide
+
+
 def separation_index(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -271,7 +364,8 @@ def separation_index(
     """Separation Index of `features` (N, ...) under `labels` (N,); see the module doc.
 
     order: neighbours that must share the label (hard) or whose purity is averaged (soft).
-    chunk_size: rows of the distance matrix per step; default keeps a chunk near 256 MB.
+    chunk_size: rows of the distance matrix per step (hard: the side of a square block);
+    by default a block stays near 256 MB.
     dtype: float32 (TF32 off) or float64. Runs on the features' device.
     """
     samples = _prepare(features, labels, dtype)
@@ -280,14 +374,16 @@ def separation_index(
         raise SeparationIndexError(f"order must be an integer in [1, N - 1 = {n - 1}]")
     if chunk_size is not None and chunk_size < 1:
         raise SeparationIndexError("chunk_size must be a positive number of rows")
-    total = torch.zeros((), dtype=torch.float64, device=samples.x.device)
+    x = _centred(samples)
     with tf32_disabled():
-        for rows, d2 in _distance_chunks(_centred(samples.x), chunk_size):
-            classes = samples.classes[rows]
-            if soft:
-                total += _soft_purity(d2, classes, samples.classes, order).sum()
-            else:
-                total += _hard_separated(d2, classes, samples.bounds, order).sum()
+        if not soft:
+            block_rows = chunk_size or _symmetric_block_rows(n, x.element_size())
+            smallest, classes, members = _class_smallest_symmetric(x, samples, order, block_rows)
+            separated = _own_beats_others(smallest[..., order - 1], smallest[..., 0], classes)
+            return float((separated * members).sum()) / n
+        total = torch.zeros((), dtype=torch.float64, device=x.device)
+        for rows, d2 in _distance_chunks(x, chunk_size):
+            total += _soft_purity(d2, samples.classes[rows], samples.classes, order).sum()
     return float(total) / n
 
 
@@ -307,14 +403,32 @@ def center_separation_index(
     A sample counts only when its own centre is strictly nearer than every other centre.
     """
     samples = _prepare(features, labels, dtype)
-    x = _centred(samples.x)
+    x = _centred(samples)
     centres = _class_centres(x, samples.bounds)
     with tf32_disabled():
-        d2 = _sq_distances(x, x.square().sum(1), centres, centres.square().sum(1))
+        d2 = _sq_distances(x, _squared_norms(x), centres, _squared_norms(centres))
     return float(_own_beats_others(d2, d2, samples.classes).double().mean())
 
 
 # ----------------------------------------------------------------------------- selection
+
+
+def kept_prefix(curve: Sequence[float], tolerance: float) -> int:
+    """The keep rule, one copy for layers (prune) and channels (select-features): the length
+    of the shortest prefix with ``curve[k - 1] >= max(curve) - tolerance``.
+
+    Equivalently, nothing after position k exceeds ``curve[k - 1]`` by more than the tolerance.
+    A difference of exactly the tolerance is kept (compared with KEEP_RULE_SLACK for float
+    rounding); tolerance 0 keeps up to the first maximum; equal values keep the shorter prefix.
+    """
+    if len(curve) == 0:
+        raise SeparationIndexError("the curve is empty")
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise SeparationIndexError(f"tolerance must be >= 0, got {tolerance}")
+    best = max(curve)
+    return next(
+        k for k, value in enumerate(curve, 1) if best - value <= tolerance + KEEP_RULE_SLACK
+    )
 
 
 @dataclass(frozen=True)
@@ -322,7 +436,7 @@ class SelectionResult:
     """Outcome of greedy forward selection.
 
     order: channels in the order they were added; curve[k - 1]: the index with the first k.
-    best: max(curve); kept: the smallest k with curve[k - 1] >= best - tolerance.
+    best: max(curve); kept: kept_prefix(curve, tolerance), the keep rule of the CLI.
     """
 
     order: list[int]
@@ -339,9 +453,7 @@ class SelectionResult:
     def from_curve(
         cls, order: Sequence[int], curve: Sequence[float], tolerance: float
     ) -> SelectionResult:
-        best = max(curve)
-        kept = next(k for k, value in enumerate(curve, 1) if value >= best - tolerance)
-        return cls(list(order), list(curve), best, kept)
+        return cls(list(order), list(curve), max(curve), kept_prefix(curve, tolerance))
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready summary (features = 1..len(curve) on the x axis of the SI curve)."""
@@ -438,8 +550,10 @@ class _IncrementalSI:
         cls = samples.classes
         slot = torch.arange(n, device=device) - starts[cls] + cls * width  # padded column
         self.row_values = x.permute(1, 2, 0).contiguous()  # (C, S, N)
-        self.col_values = x.new_zeros(*self.row_values.shape[:2], self.n_classes * width)
-        self.col_values[:, :, slot] = self.row_values
+        self.col_values = self.row_values  # equal class sizes: no padding, no second copy
+        if self.n_classes * width != n:
+            self.col_values = x.new_zeros(*self.row_values.shape[:2], self.n_classes * width)
+            self.col_values[:, :, slot] = self.row_values
         self.dist = x.new_full((n, self.n_classes * width), math.inf)
         self.dist[:, slot] = 0.0
         self.dist[torch.arange(n, device=device), slot] = math.inf  # self excluded by index
@@ -528,17 +642,27 @@ def select_features(
     steps = _check_selection(
         features, criterion, max_features, tolerance, chunk_size, candidate_batch
     )
-    samples = _prepare(features, labels, dtype)
+    state = _selection_state(features, labels, criterion, dtype, chunk_size, candidate_batch)
     n, n_channels = features.shape[:2]
-    x = samples.x.view(n, n_channels, -1)  # differences need no centring
-    if criterion == "si":
-        state: _IncrementalSI | _IncrementalCenterSI = _IncrementalSI(
-            x, samples, chunk_size, candidate_batch
-        )
-    else:
-        state = _IncrementalCenterSI(x, samples, candidate_batch)
     order, counts = _greedy(n_channels, steps, state.counts, state.add, progress)
     return SelectionResult.from_curve(order, [c / n for c in counts], tolerance)
+
+
+def _selection_state(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    criterion: Criterion,
+    dtype: torch.dtype,
+    chunk_size: int | None,
+    candidate_batch: int | None,
+) -> _IncrementalSI | _IncrementalCenterSI:
+    """The greedy state; the class-sorted working copy of the features is freed on return
+    (the state keeps its own channel-major layout), so the loop holds one copy, not two."""
+    samples = _prepare(features, labels, dtype)
+    x = samples.x.view(*features.shape[:2], -1)  # differences need no centring
+    if criterion == "si":
+        return _IncrementalSI(x, samples, chunk_size, candidate_batch)
+    return _IncrementalCenterSI(x, samples, candidate_batch)
 
 
 def select_features_naive(

@@ -37,6 +37,7 @@ from distml.si import (
     select_features,
     select_features_naive,
     separation_index,
+    tf32_disabled,
 )
 
 # VGG16 feature outputs at 32x32 input: (layer names, channels, height/width).
@@ -64,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--naive-steps", type=int, default=2, help="naive selection steps run")
     parser.add_argument("--naive-max-gb", type=float, default=8.0, help="memory cap for cdist")
     parser.add_argument("--skip-selection", action="store_true")
+    parser.add_argument(
+        "--only", nargs="+", default=None, help="layer shapes to run, e.g. 256x8x8 (all)"
+    )
     parser.add_argument("--quick", action="store_true", help="small N: a CPU smoke run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
@@ -150,6 +154,13 @@ def naive_center_si(features: torch.Tensor, labels: torch.Tensor) -> float:
     return (torch.cdist(flat, centres).argmin(1) == labels).double().mean().item()
 
 
+def gram(features: torch.Tensor) -> torch.Tensor:
+    """One x @ x.T of the flattened features (TF32 off, as in SI): the yardstick for SI."""
+    flat = features.reshape(features.shape[0], -1)
+    with tf32_disabled():
+        return flat @ flat.T
+
+
 def naive_fits(n: int, dims: int, device: torch.device, cap_gb: float) -> bool:
     """cdist keeps about four N x N float32 matrices (distances, masks, two masked copies)."""
     need = 4 * n * n * 4 + n * dims * 4
@@ -166,8 +177,11 @@ def bench_indices(args: argparse.Namespace, device: torch.device) -> list[dict[s
     rows = []
     for name, channels, size in VGG16_LAYERS:
         shape = (channels, size, size)
+        if args.only and "x".join(map(str, shape)) not in args.only:
+            continue
         x, y = synthetic_features(args.n, shape, args.classes, device, args.seed)
         row: dict[str, object] = {"layer": name, "shape": "x".join(map(str, shape))}
+        row["matmul_s"], _ = timed(lambda x=x: gram(x), device, args.repeats)
         row["si_s"], row["si"] = timed(
             lambda x=x, y=y: separation_index(x, y), device, args.repeats
         )
@@ -183,7 +197,8 @@ def bench_indices(args: argparse.Namespace, device: torch.device) -> list[dict[s
                 lambda x=x, y=y: naive_center_si(x, y), device, args.repeats
             )
         rows.append(row)
-        print(f"  {name}: SI {row['si_s']:.3f} s", file=sys.stderr, flush=True)
+        ratio = row["si_s"] / row["matmul_s"]
+        print(f"  {name}: SI {row['si_s']:.3f} s = {ratio:.2f} x@x.T", file=sys.stderr, flush=True)
         del x, y
     return rows
 
@@ -242,10 +257,12 @@ def _fmt(value: object, digits: int = 3) -> str:
 
 def index_table(rows: list[dict[str, object]], n: int) -> str:
     lines = [
-        f"### Separation Index, N = {n} (median seconds; naive = full cdist + masked min)",
+        f"### Separation Index, N = {n} (median seconds; naive = full cdist + masked min; "
+        "x@x.T = one Gram matrix of the same features)",
         "",
-        "| layer | C x H x W | SI | SI s | naive s | speed-up | Center SI | CSI s | naive s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| layer | C x H x W | SI | SI s | x@x.T s | SI / x@x.T | naive s | speed-up | "
+        "Center SI | CSI s | naive s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         naive = r.get("naive_si_s")
@@ -253,6 +270,7 @@ def index_table(rows: list[dict[str, object]], n: int) -> str:
         naive_csi = _fmt(r.get("naive_csi_s")) if naive else "(memory)"
         lines.append(
             f"| {r['layer']} | {r['shape']} | {_fmt(r['si'])} | {_fmt(r['si_s'])} | "
+            f"{_fmt(r['matmul_s'])} | {r['si_s'] / r['matmul_s']:.2f} | "
             f"{_fmt(naive) if naive else '(memory)'} | {speedup} | {_fmt(r['csi'])} | "
             f"{_fmt(r['csi_s'])} | {naive_csi} |"
         )

@@ -4,6 +4,7 @@ compressed checkpoints accepted everywhere, head training, and bad input (exit 2
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from distml.models import (
     iter_feature_outputs,
     vgg16_plan,
 )
+from distml.si import SelectionResult
 
 # A tiny VGG16 on the synthetic set: ~3 s per epoch on one CPU core.
 TINY_VGG = [
@@ -74,20 +76,36 @@ def vgg_ckpt(tiny_vgg, tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("curve", "tolerance", "kept"),
     [
-        ([0.2, 0.5, 0.52, 0.51, 0.3], 0.0, 3),  # up to the first maximum
+        ([0.2, 0.5, 0.52, 0.51, 0.3], 0.0, 3),  # T = 0: up to the first maximum
         ([0.2, 0.5, 0.52, 0.51, 0.3], 0.05, 2),  # 0.52 raises 0.5 by less than 0.05
         ([0.2, 0.5, 0.52, 0.51, 0.3], 0.02, 2),  # exactly the tolerance: not "more than"
         ([0.2, 0.5, 0.52, 0.51, 0.3], 0.019, 3),
         ([0.2, 0.5, 0.52, 0.51, 0.3], 1.0, 1),
-        ([0.5, 0.5, 0.5], 0.0, 1),  # ties: the shortest prefix
+        ([0.5, 0.5, 0.5], 0.0, 1),  # equal values: the shortest prefix
+        ([0.9, 0.5, 0.9, 0.8], 0.0, 1),  # the maximum comes first
+        ([0.9, 0.5, 0.9, 0.8], 0.5, 1),
+        ([0.3, 0.5, 0.7], 0.0, 3),  # the maximum comes last
+        # index values are fractions of samples: 4/300 - 1/300 is 0.01 only up to rounding,
+        # and a prefix exactly at max - T is kept
+        ([1 / 300, 4 / 300], 0.01, 1),
+        ([1 / 50, 4 / 50], 0.06, 1),
+        ([1 / 50, 4 / 50 + 1e-6], 0.06, 2),  # a rise just above T is not cut
         # a slow climb of steps below the tolerance is kept: it rises 0.05 in all
         ([0.10, 0.105, 0.11, 0.115, 0.12, 0.125, 0.13, 0.135, 0.14, 0.145, 0.15], 0.01, 9),
     ],
 )
 def test_keep_rule(curve, tolerance, kept):
     assert kept_prefix(curve, tolerance) == kept
-    # the documented equivalent: nothing after k exceeds curve[k - 1] by more than T
-    assert all(v - curve[kept - 1] <= tolerance + 1e-9 for v in curve[kept:])
+    # the library's selection result (select_features) keeps what the CLI keeps
+    order = list(range(len(curve)))[::-1]
+    result = SelectionResult.from_curve(order, curve, tolerance)
+    assert (result.kept, result.selected) == (kept, sorted(order[:kept]))
+
+
+@pytest.mark.parametrize(("curve", "tolerance"), [([], 0.01), ([0.5], -0.01), ([0.5], math.nan)])
+def test_keep_rule_refuses_bad_input(curve, tolerance):
+    with pytest.raises(DistmlError):
+        kept_prefix(curve, tolerance)
 
 
 # ----------------------------------------------------------------------------- slicing

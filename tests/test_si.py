@@ -190,6 +190,72 @@ def test_class_smaller_than_order_is_never_separated():
     assert separation_index(features, labels, order=2) == pytest.approx(3 / 5)
 
 
+# ----------------------------------------------------------------------------- symmetric blocks
+# The hard index computes each pair of row blocks once and updates both blocks' rows: the
+# results must not depend on the block side, also where it does not divide N.
+
+
+@pytest.mark.parametrize("order", [1, 2, 4])
+def test_block_side_not_dividing_n_matches_brute_force(order):
+    features, labels = random_data(103, (7,), classes=4, seed=10 + order)
+    expected = brute_si(features, labels, order)
+    for chunk in (1, 9, 50, 102, 103, 500):
+        got = separation_index(features, labels, order=order, chunk_size=chunk)
+        assert got == pytest.approx(expected, abs=1e-12), chunk
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_exact_ties_across_blocks(order):
+    # Integer points on a small grid: many exactly equal distances (float64 keeps them exact),
+    # with tie partners in other blocks than the sample; a tie is never "separated".
+    gen = torch.Generator().manual_seed(12)
+    features = torch.randint(0, 3, (61, 2), generator=gen).double()
+    labels = torch.randint(0, 3, (61,), generator=gen)
+    expected = brute_si(features, labels, order)
+    for chunk in (4, 7, 61):
+        got = separation_index(features, labels, order=order, chunk_size=chunk, dtype=torch.float64)
+        assert got == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_copies_in_other_blocks_are_excluded_by_index(order):
+    # The first and last samples are copies (same class): each is the other's neighbour at 0,
+    # although the blocks put them far apart; a third copy with another label ties them.
+    features, labels = random_data(40, (5,), classes=2, seed=13)
+    features[-1], labels[-1] = features[0], labels[0]
+    features[17] = features[5]  # a second pair: same label (class-sorting may move them)
+    labels[17] = labels[5]
+    expected = brute_si(features, labels, order)
+    assert expected > 0
+    for chunk in (3, 8, 40):
+        got = separation_index(features, labels, order=order, chunk_size=chunk)
+        assert got == pytest.approx(expected, abs=1e-12)
+    features[20], labels[20] = features[0], 1 - labels[0]
+    tied = brute_si(features, labels, order)
+    assert tied < expected
+    for chunk in (3, 8, 40):
+        assert separation_index(features, labels, order=order, chunk_size=chunk) == pytest.approx(
+            tied, abs=1e-12
+        )
+
+
+def test_higher_order_counts_copies_as_separate_neighbours():
+    # Three copies of a point in class 0 and one class-1 point near them: for order 2 each
+    # copy's two nearest same-class neighbours are the other copies at 0.
+    features = torch.tensor([[0.0, 0.0]] * 3 + [[0.5, 0.0], [9.0, 9.0], [9.0, 9.5]])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    # order 2: the copies (two other copies at 0) and both far points (second same-class
+    # neighbour sample 3 at 153.25 and 162.5, nearer than class 0 at 162 and 171.25); not
+    # sample 3, whose nearest is class 0.
+    assert separation_index(features, labels, order=2, chunk_size=2) == pytest.approx(5 / 6)
+    assert separation_index(features, labels, order=2) == pytest.approx(
+        brute_si(features, labels, 2)
+    )
+    assert separation_index(features, labels, order=3, chunk_size=4) == pytest.approx(
+        brute_si(features, labels, 3)
+    )
+
+
 # ----------------------------------------------------------------------------- Center SI
 
 
