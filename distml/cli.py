@@ -42,6 +42,8 @@ TRAIN_FLAGS = {
     "width": "model.width",
     "depth": "model.depth",
     "norm": "model.norm",
+    "pool": "model.pool",
+    "activation": "model.activation",
     "dropout": "model.dropout",
     "init": "model.init",
     "freeze_features": "model.freeze_features",
@@ -166,6 +168,14 @@ def train(
     ] = None,
     norm: Annotated[
         Literal["batch", "group", "layer", "instance", "none"] | None, Opt(rich_help_panel=MODEL)
+    ] = None,
+    pool: Annotated[
+        Literal["max", "avg"] | None,
+        Opt(help="Pooling of every downsampling and of the cnn head.", rich_help_panel=MODEL),
+    ] = None,
+    activation: Annotated[
+        Literal["relu", "gelu", "silu", "leaky_relu"] | None,
+        Opt(help="Nonlinearity after every conv and hidden layer.", rich_help_panel=MODEL),
     ] = None,
     dropout: Annotated[
         float | None, Opt(help="Dropout before the classifier layers.", rich_help_panel=MODEL)

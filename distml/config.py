@@ -21,6 +21,8 @@ from distml.errors import SettingsError
 
 Arch = Literal["cnn", "vgg16"]
 Norm = Literal["batch", "group", "layer", "instance", "none"]
+Pool = Literal["max", "avg"]
+Activation = Literal["relu", "gelu", "silu", "leaky_relu"]
 Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
 Scheduler = Literal["step", "cosine", "onecycle", "none"]
 Precision = Literal["32", "16-mixed", "bf16-mixed"]
@@ -43,6 +45,15 @@ class ModelSettings(Section):
     width: float = Field(1.0, gt=0, le=16, description="channel multiplier; 1.0 = standard")
     depth: int = Field(8, ge=1, le=64, description="conv blocks of the cnn (8 = ResNet-9)")
     norm: Norm = "batch"
+    pool: Pool = Field(
+        "max",
+        description="pooling: max or avg, for every 2x2 downsampling and the cnn's global pool",
+    )
+    activation: Activation = Field(
+        "relu",
+        description="nonlinearity after every conv and hidden classifier layer: relu, gelu, "
+        "silu or leaky_relu (slope 0.01)",
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout before each classifier layer")
     head_hidden: list[int] = Field(
         default_factory=list, description="hidden sizes of the classifier (vgg16: [] = 512->10)"
