@@ -253,8 +253,9 @@ def group_label(labels: Sequence[str], seeds: Sequence[int]) -> str:
     for label in labels[1:]:
         while not label.startswith(stem):
             stem = stem[:-1]
-    stem = stem.rstrip("-_.")
-    stem = stem.removesuffix("seed").rstrip("-_.") or f"{labels[0]} + {len(labels) - 1} more"
+    stem = stem.rstrip("-_.").removesuffix("seed").rstrip("-_.")
+    if len(stem) < 3:  # no telling common part: name the runs
+        stem = " + ".join(labels) if len(labels) < 4 else f"{labels[0]} + {len(labels) - 1} more"
     return f"{stem} (seeds {', '.join(str(s) for s in seeds)})"
 
 
@@ -337,17 +338,13 @@ def precision_sentences(groups: Sequence[dict[str, Any]], runs: Sequence[RunFile
         time, base_time = mixed["mean"]["mean_epoch_seconds"], base["mean"]["mean_epoch_seconds"]
         if None in (memory, base_memory, time, base_time):
             continue
-        saved = 1 - memory / base_memory
-        kind = (
-            " (host memory: these runs were on the CPU)"
-            if mixed["memory_kind"] == "host RSS"
-            else ""
-        )
+        saved, speedup = 1 - memory / base_memory, base_time / time
+        kind = " (host memory: runs on the CPU)" if mixed["memory_kind"] == "host RSS" else ""
         sentence = (
             f"Mixed precision: {mixed['label']} ({precision}) uses {100 * abs(saved):.0f}% "
             f"{'less' if saved >= 0 else 'more'} peak memory per rank than {base['label']} "
-            f"(32): {memory:,.0f} vs {base_memory:,.0f} MiB{kind}, and takes "
-            f"{time / base_time:.2f}x its time per epoch."
+            f"(32): {memory:,.0f} vs {base_memory:,.0f} MiB{kind}, and is "
+            f"{max(speedup, 1 / speedup):.2f}x {'faster' if speedup >= 1 else 'slower'} per epoch."
         )
         if others[id(base)]:
             sentence += f" These runs also differ in {', '.join(others[id(base)])}."
