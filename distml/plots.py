@@ -199,7 +199,7 @@ def plot_bar_panels(
             x,
             heights,
             yerr=[0.0 if e is None else e for e in errors],
-            capsize=4,
+            capsize=4 if any(e is not None for e in errors) else 0,
             color=[colours(i % colours.N) for i in x],
         )
         ax.bar_label(bars, labels=["n/a" if v is None else f"{v:,.3g}" for v in values], fontsize=8)
