@@ -15,6 +15,13 @@ Each run folder is read, never changed: ``config.json`` (the resolved settings),
   The files are drawn in a staging folder beside ``out`` and moved in only when all exist:
   an error leaves nothing behind. ``out`` may hold other things (a sweep keeps its runs
   there); compare replaces only its own files, and only those of an earlier compare.
+
+The interpretation is computed from the numbers: the fastest and slowest configuration by
+mean time per epoch; each mixed-precision configuration against the most similar fp32 one
+(peak memory per rank, time per epoch); test-accuracy differences against the best, judged
+against ``SPREAD_FACTOR`` (2) times the pooled seed standard deviation when some
+configuration was repeated over seeds; each run's overfitting verdict
+(``metrics.overfitting_verdict``: where the validation loss was lowest).
 """
 
 from __future__ import annotations
@@ -159,13 +166,48 @@ def run_labels(paths: Sequence[Path]) -> list[str]:
 # ----------------------------------------------------------------------------- one row per run
 
 
+# the table's settings lines: name in the row -> dotted setting
+ROW_SETTINGS = {
+    "mode": "dist.mode",
+    "precision": "train.precision",
+    "batch_size": "train.batch_size",
+    "accum_steps": "train.accum_steps",
+    "optimizer": "optim.optimizer",
+    "lr": "optim.lr",
+    "norm": "model.norm",
+    "weight_decay": "optim.weight_decay",
+    "dropout": "model.dropout",
+    "augment": "data.augment",
+    "label_smoothing": "train.label_smoothing",
+    "early_stop": "train.early_stop",
+    "epochs_planned": "train.epochs",
+    "seed": SEED_KEY,
+}
+# the numbers of a run, as summary.json names them
+RUN_NUMBERS = (
+    "world_size",
+    "micro_batch_per_rank",
+    "epochs_run",
+    "mean_epoch_seconds",
+    "images_per_second",
+    "peak_memory_mb",
+    "peak_memory_mb_per_rank",
+    "memory_kind",
+    "best_val_accuracy",
+    "best_epoch",
+    "test_accuracy",
+    "overfitting",
+    "device_name",
+)
+
+
 def mean_of(history: Sequence[dict[str, Any]], key: str) -> float | None:
     values = [r[key] for r in history if r.get(key) is not None]
     return sum(values) / len(values) if values else None
 
 
 def unfinished_numbers(run: RunFiles) -> dict[str, Any]:
-    """What a run without summary.json can tell from its metrics.csv."""
+    """RUN_NUMBERS of a run without summary.json, as far as its metrics.csv tells them."""
     history, flat = run.history, run.settings
     with_val = [r for r in history if r["val_accuracy"] is not None]
     best = max(with_val, key=lambda r: r["val_accuracy"], default=None)
@@ -192,30 +234,15 @@ def unfinished_numbers(run: RunFiles) -> dict[str, Any]:
 
 def run_row(run: RunFiles, label: str) -> dict[str, Any]:
     """The numbers compare shows for one run (from summary.json, else from metrics.csv)."""
-    flat, summary = run.settings, run.summary
-    if summary is None:
+    if run.summary is None:
         numbers = unfinished_numbers(run)
     else:
-        keys = [*unfinished_numbers(run)]
-        numbers = {key: summary.get(key) for key in keys}
+        numbers = {key: run.summary.get(key) for key in RUN_NUMBERS}
     return {
         "label": label,
         "path": str(run.path),
-        "status": "finished" if summary is not None else "unfinished",
-        "mode": flat["dist.mode"],
-        "precision": flat["train.precision"],
-        "batch_size": flat["train.batch_size"],
-        "accum_steps": flat["train.accum_steps"],
-        "optimizer": flat["optim.optimizer"],
-        "lr": flat["optim.lr"],
-        "norm": flat["model.norm"],
-        "weight_decay": flat["optim.weight_decay"],
-        "dropout": flat["model.dropout"],
-        "augment": flat["data.augment"],
-        "label_smoothing": flat["train.label_smoothing"],
-        "early_stop": flat["train.early_stop"],
-        "epochs_planned": flat["train.epochs"],
-        "seed": flat[SEED_KEY],
+        "status": "finished" if run.summary is not None else "unfinished",
+        **{name: run.settings[key] for name, key in ROW_SETTINGS.items()},
         **numbers,
     }
 
@@ -557,29 +584,10 @@ def markdown_table(cells: Sequence[Sequence[str]], align: str = "---:") -> list[
     return lines + ["| " + " | ".join(c.replace("|", "/") for c in line) + " |" for line in body]
 
 
+# compare.csv: the row's settings and every plain number (lists and verdicts are spelled out)
 CSV_COLUMNS = (
-    "mode",
-    "world_size",
-    "precision",
-    "batch_size",
-    "micro_batch_per_rank",
-    "accum_steps",
-    "optimizer",
-    "lr",
-    "norm",
-    "weight_decay",
-    "dropout",
-    "augment",
-    "label_smoothing",
-    "early_stop",
-    "epochs_planned",
-    "epochs_run",
-    "mean_epoch_seconds",
-    "images_per_second",
-    "peak_memory_mb",
-    "best_val_accuracy",
-    "best_epoch",
-    "test_accuracy",
+    *ROW_SETTINGS,
+    *(key for key in RUN_NUMBERS if key not in ("peak_memory_mb_per_rank", "overfitting")),
 )
 
 
@@ -617,43 +625,32 @@ def compare_csv(result: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
+GROUP_COLUMNS = (  # title, number, scale, format
+    ("test accuracy (%)", "test_accuracy", 100, "{:.2f}"),
+    ("best val accuracy (%)", "best_val_accuracy", 100, "{:.2f}"),
+    ("time per epoch (s)", "mean_epoch_seconds", 1, "{:.2f}"),
+    ("images/s", "images_per_second", 1, "{:,.0f}"),
+    ("peak memory (MiB)", "peak_memory_mb", 1, "{:,.0f}"),
+)
+
+
+def mean_std_text(group: dict[str, Any], key: str, scale: float, pattern: str) -> str:
+    mean, std = group["mean"][key], group["std"][key]
+    if mean is None:
+        return "-"
+    deviation = "" if std is None else " ± " + pattern.format(scale * std)
+    return pattern.format(scale * mean) + deviation
+
+
 def group_table(groups: Sequence[dict[str, Any]]) -> list[str]:
     """Markdown table of the seed groups (mean ± std), empty when no run was repeated."""
     repeated = [g for g in groups if g["count"] > 1]
     if not repeated:
         return []
-
-    def stat(g: dict[str, Any], key: str, scale: float, pattern: str) -> str:
-        mean, std = g["mean"][key], g["std"][key]
-        if mean is None:
-            return "-"
-        return pattern.format(scale * mean) + (
-            "" if std is None else " ± " + pattern.format(scale * std)
-        )
-
-    cells = [
-        [
-            "group",
-            "runs",
-            "test accuracy (%)",
-            "best val accuracy (%)",
-            "time per epoch (s)",
-            "images/s",
-            "peak memory (MiB)",
-        ]
-    ]
+    cells = [["group", "runs", *[column[0] for column in GROUP_COLUMNS]]]
     for g in repeated:
-        cells.append(
-            [
-                g["label"],
-                str(g["count"]),
-                stat(g, "test_accuracy", 100, "{:.2f}"),
-                stat(g, "best_val_accuracy", 100, "{:.2f}"),
-                stat(g, "mean_epoch_seconds", 1, "{:.2f}"),
-                stat(g, "images_per_second", 1, "{:,.0f}"),
-                stat(g, "peak_memory_mb", 1, "{:,.0f}"),
-            ]
-        )
+        numbers = [mean_std_text(g, *column[1:]) for column in GROUP_COLUMNS]
+        cells.append([g["label"], str(g["count"]), *numbers])
     return [
         "## Runs that differ only in the seed",
         "",

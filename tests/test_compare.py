@@ -42,6 +42,12 @@ def compare_json(*args: Any, expect: int = 0) -> dict[str, Any]:
     return last_json(run_cli("compare", *args, "--json", expect=expect))
 
 
+def compare_text(*args: Any) -> tuple[dict[str, Any], str]:
+    """compare's JSON result and its interpretation as one text."""
+    result = compare_json(*args)
+    return result, "\n".join(result["interpretation"])
+
+
 def summary(run: Path) -> dict[str, Any]:
     return json.loads((run / "summary.json").read_text())
 
@@ -108,12 +114,11 @@ def test_files_are_written_and_consistent(runs: dict[str, Path], tmp_path: Path)
 def test_interpretation_names_the_fastest_and_judges_the_seed_spread(
     runs: dict[str, Path], tmp_path: Path
 ):
-    result = compare_json(runs["seed0"], runs["seed1"], runs["gelu"], "--out", tmp_path / "c")
+    result, text = compare_text(runs["seed0"], runs["seed1"], runs["gelu"], "--out", tmp_path / "c")
     groups = result["groups"]
     fastest = min(groups, key=lambda g: g["mean"]["mean_epoch_seconds"])
     slowest = max(groups, key=lambda g: g["mean"]["mean_epoch_seconds"])
     factor = slowest["mean"]["mean_epoch_seconds"] / fastest["mean"]["mean_epoch_seconds"]
-    text = "\n".join(result["interpretation"])
     assert f"Fastest: {fastest['label']} at" in text
     assert f"{factor:.2f}x faster than the slowest, {slowest['label']}" in text
     assert "Seed spread:" in text and "seed spread)" in text
@@ -147,9 +152,8 @@ def test_interpretation_reports_the_memory_saved_by_mixed_precision(
         peak_memory_mb_per_rank=[memory],
         mean_epoch_seconds=seconds,
     )
-    result = compare_json(runs["seed0"], twin, "--out", tmp_path / "c")
+    result, text = compare_text(runs["seed0"], twin, "--out", tmp_path / "c")
     assert result["differing_settings"] == ["train.precision"]
-    text = "\n".join(result["interpretation"])
     assert "Mixed precision: bf16 (bf16-mixed) uses 50% less peak memory per rank than" in text
     assert "2.00x faster per epoch" in text
     assert "Fastest: bf16 at" in text
@@ -167,9 +171,8 @@ def test_interpretation_says_where_overfitting_set_in(runs: dict[str, Path], tmp
     ):
         lines.append(f"{epoch},{train_loss},0.5,{val_loss},0.4,0.1,2.0,100,500")
     (run / "metrics.csv").write_text("\n".join(lines) + "\n")
-    result = compare_json(run, "--out", tmp_path / "c", "--allow-unfinished")
+    result, text = compare_text(run, "--out", tmp_path / "c", "--allow-unfinished")
     assert result["runs"][0]["overfitting"]["detected"] is True
-    text = "\n".join(result["interpretation"])
     assert "overfit overfits: validation loss was lowest at epoch 2" in text
     assert "set in after epoch 2" in text
     assert "overfit is unfinished: 5 of" in text
