@@ -74,6 +74,10 @@ class CompareSettings(Section):
         False, description="include runs without summary.json, marked unfinished"
     )
     title: str = Field("Run comparison", description="heading of report.md")
+    not_compared: dict[str, str] = Field(
+        default_factory=dict,
+        description="runs left out, name -> why (a failed or skipped sweep run), for report.md",
+    )
 
 
 @dataclass(frozen=True)
@@ -700,6 +704,9 @@ def report_markdown(result: dict[str, Any], out: Path) -> str:
         lines.append(
             f"- **{row['label']}** ([folder]({folder}), [curves]({folder}/curves.png)): {verdict}"
         )
+    if result["not_compared"]:
+        lines += ["", "## Not compared", ""]
+        lines += [f"- **{name}**: {why}" for name, why in result["not_compared"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -804,6 +811,7 @@ def compare_runs(settings: CompareSettings) -> dict[str, Any]:
         "runs": rows,
         "groups": groups,
         "interpretation": interpretation(groups, rows, runs),
+        "not_compared": settings.not_compared,
         "files": {name: str(out / name) for name in OUTPUT_FILES},
     }
     write_outputs(result, runs, out)

@@ -254,3 +254,21 @@ def test_gelu_avg_model_goes_through_eval_prune_and_select_features(
     assert selected["model_spec"]["activation"] == "gelu"
     again = last_json(run_cli("eval", selected["checkpoint"], "--out", tmp_path / "e2", "--json"))
     assert 0 <= again["accuracy"] <= 1
+
+
+def test_runs_left_out_by_a_sweep_are_listed_with_their_reason(
+    runs: dict[str, Path], tmp_path: Path
+):
+    from distml.compare import CompareSettings, compare_runs
+
+    settings = CompareSettings(
+        runs=[runs["seed0"]],
+        out=tmp_path / "c",
+        title="Sweep: modes",
+        not_compared={"ddp": "skipped: ddp needs 2 GPUs, this machine has 0"},
+    )
+    result = compare_runs(settings)
+    report = (tmp_path / "c" / "report.md").read_text()
+    assert report.startswith("# Sweep: modes\n")
+    assert "- **ddp**: skipped: ddp needs 2 GPUs, this machine has 0" in report
+    assert result["not_compared"] == settings.not_compared
