@@ -7,6 +7,8 @@ from typing import Literal
 
 Arch = Literal["cnn", "vgg16"]
 Norm = Literal["batch", "group", "layer", "instance", "none"]
+Pool = Literal["max", "avg"]
+Activation = Literal["relu", "gelu", "silu", "leaky_relu"]
 Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
 Scheduler = Literal["step", "cosine", "onecycle", "none"]
 Precision = Literal["32", "16-mixed", "bf16-mixed"]

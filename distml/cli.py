@@ -52,6 +52,8 @@ TRAIN_OPTIONS: OptionTable = {
         "--width": "model.width",
         "--depth": "model.depth",
         "--norm": "model.norm",
+        "--pool": "model.pool",
+        "--activation": "model.activation",
         "--dropout": "model.dropout",
         "--init": "model.init",
         "--freeze-features": "model.freeze_features",
@@ -535,3 +537,46 @@ def study_report(r: dict[str, Any]) -> str:
 
 def main() -> None:
     app()
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+@app.command("compare")
+@user_errors
+def compare_command(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run folders written by distml train.", show_default=False)
+    ],
+    out: Annotated[
+        Path | None,
+        Opt(help="Report folder (default: artifacts/compare/DATE-TIME)."),
+    ] = None,
+    allow_unfinished: Annotated[
+        bool,
+        Opt(
+            "--allow-unfinished",
+            help="Include runs without summary.json, marked unfinished (numbers from metrics.csv).",
+        ),
+    ] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Compare training runs side by side: table, seed groups, plots and an interpretation.
+
+    Writes report.md, compare.csv, compare.json, curves.png and time_memory.png into --out;
+    runs that differ only in the seed are averaged (mean and standard deviation)."""
+    from distml.compare import CompareSettings, compare_runs
+    from distml.config import validate_settings
+
+    values = {"runs": run_dirs, "out": out, "allow_unfinished": allow_unfinished}
+    settings = validate_settings(CompareSettings, values)
+    emit(compare_runs(settings), json_, compare_report)
+
+
+def compare_report(r: dict[str, Any]) -> str:
+    from distml.compare import side_by_side, text_table
+
+    lines = [text_table(side_by_side(r)), ""]
+    lines += [f"- {sentence}" for sentence in r["interpretation"]]
+    lines.append(f"\nreport: {r['files']['report.md']}")
+    return "\n".join(lines)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.fields import FieldInfo
 
 from distml.choices import (
+    Activation,
     Arch,
     Backend,
     Criterion,
@@ -27,6 +28,7 @@ from distml.choices import (
     Mode,
     Norm,
     Optimizer,
+    Pool,
     Precision,
     Scheduler,
     SplitName,
@@ -48,6 +50,15 @@ class ModelSettings(Section):
     width: float = Field(1.0, gt=0, le=16, description="channel multiplier; 1.0 = standard")
     depth: int = Field(8, ge=1, le=64, description="conv blocks of the cnn (8 = ResNet-9)")
     norm: Norm = Field("batch", description="normalisation layer after each convolution")
+    pool: Pool = Field(
+        "max",
+        description="pooling: max or avg, for every 2x2 downsampling and the cnn's global pool",
+    )
+    activation: Activation = Field(
+        "relu",
+        description="nonlinearity after every conv and hidden classifier layer: relu, gelu, "
+        "silu or leaky_relu (slope 0.01)",
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout before each classifier layer")
     head_hidden: list[int] = Field(
         default_factory=list, description="hidden sizes of the classifier (vgg16: [] = 512->10)"

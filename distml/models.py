@@ -11,6 +11,11 @@ the first ``num_feature_layers`` layers and per-layer channel counts (``channels
   8 is ResNet-9 exactly (see ``cnn_plan``).
 - ``vgg16``: the CIFAR variant (13 conv3x3+norm+ReLU, 5 max-pools, classifier from the
   flattened 512x1x1 map), as in kuangliu/pytorch-cifar; not torchvision's ImageNet head.
+
+Both take ``pool`` (max or avg: every 2x2 downsampling, and the cnn head's global pool) and
+``activation`` (after every conv block and every hidden classifier layer). Neither has
+weights, so they change no tensor name or shape; specs written before they existed read
+as the defaults (max, relu), which is what those networks were.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from distml.config import Norm
+from distml.choices import Activation, Norm, Pool
 
 VGG16_LAYOUT: tuple[int | str, ...] = (
     64,
@@ -64,6 +69,8 @@ class ModelSpec(BaseModel):
     width: float = Field(1.0, gt=0)
     depth: int = Field(8, ge=1)
     norm: Norm = "batch"
+    pool: Pool = "max"
+    activation: Activation = "relu"
     dropout: float = Field(0.0, ge=0, lt=1)
     head_hidden: tuple[int, ...] = ()
     num_feature_layers: int | None = Field(None, ge=1, description="cut: keep the first k layers")
@@ -159,15 +166,34 @@ def make_norm(norm: Norm, channels: int) -> nn.Module:
     return nn.Identity()
 
 
-class ConvBlock(nn.Sequential):
-    """conv3x3 -> norm -> ReLU."""
+def make_activation(activation: Activation) -> nn.Module:
+    if activation == "gelu":
+        return nn.GELU()
+    if activation == "silu":
+        return nn.SiLU(inplace=True)
+    if activation == "leaky_relu":
+        return nn.LeakyReLU(0.01, inplace=True)
+    return nn.ReLU(inplace=True)
 
-    def __init__(self, in_channels: int, out_channels: int, norm: Norm):
+
+def make_pool(pool: Pool) -> nn.Module:
+    """The 2x2, stride-2 downsampling between stages."""
+    return nn.AvgPool2d(2) if pool == "avg" else nn.MaxPool2d(2)
+
+
+def make_global_pool(pool: Pool) -> nn.Module:
+    return nn.AdaptiveAvgPool2d(1) if pool == "avg" else nn.AdaptiveMaxPool2d(1)
+
+
+class ConvBlock(nn.Sequential):
+    """conv3x3 -> norm -> activation."""
+
+    def __init__(self, in_channels: int, out_channels: int, spec: ModelSpec):
         super().__init__(
             OrderedDict(
-                conv=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=norm == "none"),
-                norm=make_norm(norm, out_channels),
-                act=nn.ReLU(inplace=True),
+                conv=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=spec.norm == "none"),
+                norm=make_norm(spec.norm, out_channels),
+                act=make_activation(spec.activation),
             )
         )
 
@@ -175,10 +201,10 @@ class ConvBlock(nn.Sequential):
 class Residual(nn.Module):
     """x + blocks(x): the residual unit of ResNet-9."""
 
-    def __init__(self, channels: int, inner: tuple[str, ...], norm: Norm):
+    def __init__(self, channels: int, inner: tuple[str, ...], spec: ModelSpec):
         super().__init__()
         self.blocks = nn.Sequential(
-            OrderedDict((name, ConvBlock(channels, channels, norm)) for name in inner)
+            OrderedDict((name, ConvBlock(channels, channels, spec)) for name in inner)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,14 +261,14 @@ def build_features(spec: ModelSpec) -> nn.Sequential:
     channels = spec.in_channels
     for layer in feature_plan(spec):
         if layer.kind == "conv":
-            layers[layer.name] = ConvBlock(channels, layer.out_channels, spec.norm)
+            layers[layer.name] = ConvBlock(channels, layer.out_channels, spec)
             channels = layer.out_channels
         elif layer.kind == "pool":
-            layers[layer.name] = nn.MaxPool2d(2)
+            layers[layer.name] = make_pool(spec.pool)
         else:
             if layer.out_channels != channels:
                 raise ValueError(f"residual unit {layer.name} needs {layer.out_channels} inputs")
-            layers[layer.name] = Residual(channels, layer.inner, spec.norm)
+            layers[layer.name] = Residual(channels, layer.inner, spec)
     return nn.Sequential(layers)
 
 
@@ -252,17 +278,17 @@ def head_input_size(spec: ModelSpec) -> int:
 
 
 def build_head(spec: ModelSpec) -> nn.Sequential:
-    """cnn: global max-pool -> linear -> x0.125 (ResNet-9); vgg16: flatten -> MLP. The vgg16
+    """cnn: global pool -> linear -> x0.125 (ResNet-9); vgg16: flatten -> MLP. The vgg16
     head reads exactly the flattened features that the SI study measures."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     if spec.arch == "cnn":
-        layers["pool"] = nn.AdaptiveMaxPool2d(1)
+        layers["pool"] = make_global_pool(spec.pool)
     layers["flatten"] = nn.Flatten()
     size = head_input_size(spec)
     for i, hidden in enumerate(spec.head_hidden, start=1):
         layers[f"drop{i}"] = nn.Dropout(spec.dropout)
         layers[f"fc{i}"] = nn.Linear(size, hidden)
-        layers[f"act{i}"] = nn.ReLU(inplace=True)
+        layers[f"act{i}"] = make_activation(spec.activation)
         size = hidden
     layers["drop"] = nn.Dropout(spec.dropout)
     layers["fc"] = nn.Linear(size, spec.num_classes)
@@ -297,4 +323,7 @@ def describe(spec: ModelSpec) -> str:
         else:
             parts.append(f"res{len(layer.inner)}x{layer.out_channels}")
     head = [str(h) for h in spec.head_hidden] + [str(spec.num_classes)]
-    return f"{spec.arch} [{' '.join(parts)}] -> head {head_input_size(spec)}->{'->'.join(head)}"
+    # only what differs from the classic networks, so their one-liners stay as they were
+    options = [spec.activation] * (spec.activation != "relu") + ["avg pool"] * (spec.pool == "avg")
+    arch = f"{spec.arch} ({', '.join(options)})" if options else spec.arch
+    return f"{arch} [{' '.join(parts)}] -> head {head_input_size(spec)}->{'->'.join(head)}"

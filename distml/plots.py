@@ -140,3 +140,71 @@ def plot_selection_curve(
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
     save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- run comparison
+
+
+def plot_overlaid_curves(
+    histories: dict[str, Sequence[dict[str, Any]]], path: Path, title: str
+) -> None:
+    """Loss and accuracy per epoch of several runs (metrics.csv rows): one colour per run,
+    training solid, validation dashed."""
+    from matplotlib.lines import Line2D
+
+    colours = plt.get_cmap("tab10" if len(histories) <= 10 else "tab20")
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    handles = []
+    for index, (label, history) in enumerate(histories.items()):
+        colour = colours(index % colours.N)
+        epochs = [row["epoch"] for row in history]
+        for ax, metric, scale in ((ax_loss, "loss", 1), (ax_acc, "accuracy", 100)):
+            train = [row[f"train_{metric}"] * scale for row in history]
+            ax.plot(epochs, train, "-", marker="o", ms=3, color=colour)
+            val = [row[f"val_{metric}"] for row in history]
+            if any(v is not None for v in val):
+                scaled_val = [v * scale if v is not None else float("nan") for v in val]
+                ax.plot(epochs, scaled_val, "--", marker="s", ms=3, color=colour)
+        handles.append(Line2D([], [], color=colour, label=label))
+    handles += [
+        Line2D([], [], color="grey", ls="-", label="train"),
+        Line2D([], [], color="grey", ls="--", label="validation"),
+    ]
+    for ax, ylabel in ((ax_loss, "loss"), (ax_acc, "accuracy (%)")):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_bar_panels(
+    labels: Sequence[str],
+    panels: Sequence[tuple[str, Sequence[float | None], Sequence[float | None]]],
+    path: Path,
+    title: str,
+) -> None:
+    """Side-by-side bar charts over the same labels; each panel is (y label, values, error
+    bars), a value of None draws no bar and an error of None no error bar."""
+    width = max(5.0, 0.55 * len(labels) + 2.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4.5), squeeze=False)
+    colours = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    x = list(range(len(labels)))
+    for ax, (ylabel, values, errors) in zip(axes[0], panels, strict=True):
+        heights = [float("nan") if v is None else v for v in values]
+        bars = ax.bar(
+            x,
+            heights,
+            yerr=[0.0 if e is None else e for e in errors],
+            capsize=4 if any(e is not None for e in errors) else 0,
+            color=[colours(i % colours.N) for i in x],
+        )
+        ax.bar_label(bars, labels=["n/a" if v is None else f"{v:,.3g}" for v in values], fontsize=8)
+        ax.set_xticks(x, list(labels), rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    save_figure(fig, path)

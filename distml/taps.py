@@ -1,7 +1,7 @@
 """Per-layer feature taps and the per-layer Separation Index (``distml si``).
 
 A tap is the output of one named layer of a model's feature extractor (every conv block's
-conv+norm+ReLU output, every pooling output, and for the cnn every residual unit's output,
+conv+norm+activation output, every pooling output, and for the cnn every residual unit's output,
 after the sum), measured on a fixed class-balanced subset of a split:
 
 * subset: ``data.balanced_indices`` over the split's labels, ``round(fraction * N)`` samples,

@@ -95,6 +95,8 @@ def initial_model(
             width=settings.width,
             depth=settings.depth,
             norm=settings.norm,
+            pool=settings.pool,
+            activation=settings.activation,
             dropout=settings.dropout,
             head_hidden=tuple(settings.head_hidden),
         )

@@ -6,6 +6,7 @@ from distml.models import (
     build_model,
     cnn_plan,
     count_parameters,
+    describe,
     feature_shapes,
     iter_feature_outputs,
 )
@@ -80,3 +81,57 @@ def test_spec_describes_cuts_and_channel_overrides():
     assert model.features.conv4_1.conv.out_channels == 7
     assert model.head.fc1.in_features == 7 * 4 * 4  # the flattened 7 x 4 x 4 map
     assert ModelSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+@pytest.mark.parametrize("arch", ["cnn", "vgg16"])
+@pytest.mark.parametrize("pool", ["max", "avg"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "leaky_relu"])
+def test_pool_and_activation_build_the_named_layers(arch: str, pool: str, activation: str):
+    spec = ModelSpec(
+        arch=arch,
+        num_classes=10,
+        width=0.125,
+        depth=4,
+        pool=pool,
+        activation=activation,
+        head_hidden=(16,),
+    )
+    model = build_model(spec)
+    kinds = {type(m) for m in model.modules()}
+    wanted_act = {
+        "relu": torch.nn.ReLU,
+        "gelu": torch.nn.GELU,
+        "silu": torch.nn.SiLU,
+        "leaky_relu": torch.nn.LeakyReLU,
+    }[activation]
+    wanted_pool = torch.nn.AvgPool2d if pool == "avg" else torch.nn.MaxPool2d
+    other_pool = torch.nn.MaxPool2d if pool == "avg" else torch.nn.AvgPool2d
+    assert wanted_act in kinds and wanted_pool in kinds and other_pool not in kinds
+    assert all(type(m) is wanted_act for n, m in model.named_modules() if n.endswith("act"))
+    assert isinstance(model.head.act1, wanted_act)
+    if arch == "cnn":
+        global_pool = torch.nn.AdaptiveAvgPool2d if pool == "avg" else torch.nn.AdaptiveMaxPool2d
+        assert isinstance(model.head.pool, global_pool)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_pool_and_activation_keep_the_weights_and_change_the_outputs():
+    classic = build_model(ModelSpec(arch="cnn", num_classes=10, width=0.125, depth=4)).eval()
+    options = {"pool": "avg", "activation": "silu"}
+    spec = ModelSpec(arch="cnn", num_classes=10, width=0.125, depth=4, **options)
+    other = build_model(spec).eval()
+    other.load_state_dict(classic.state_dict(), strict=True)  # same tensor names and shapes
+    assert describe(spec).startswith("cnn (silu, avg pool) [")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(classic(x), other(x))
+
+
+def test_specs_written_before_pool_and_activation_read_as_max_and_relu():
+    old = '{"arch": "vgg16", "num_classes": 10, "width": 0.125, "norm": "batch"}'
+    spec = ModelSpec.model_validate_json(old)
+    assert (spec.pool, spec.activation) == ("max", "relu")
+    assert ModelSpec.model_validate_json(spec.model_dump_json()) == spec
+    model = build_model(spec)
+    assert isinstance(model.features.pool1, torch.nn.MaxPool2d)
+    assert isinstance(model.features.conv1_1.act, torch.nn.ReLU)
