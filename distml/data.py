@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,16 +155,24 @@ def load_dataset(settings: DataSettings) -> ImageDataset:
 
 
 def load_cifar10(data_dir: Path) -> ImageDataset:
-    """CIFAR-10 from the cache file, else from torchvision (downloading once) into the cache."""
-    cache = Path(data_dir) / CIFAR10_CACHE
+    """CIFAR-10 from the cache file, else from torchvision (downloading once) into the cache.
+    A failed download removes what it created, so no empty or half-filled folder is left."""
+    data_dir = Path(data_dir)
+    check_data_dir(data_dir)
+    cache = data_dir / CIFAR10_CACHE
     if cache.exists():
         return read_dataset_file(cache)
+    created = outermost_missing(data_dir)
+    existing = set() if created is not None else set(data_dir.iterdir())
     try:
         from torchvision.datasets import CIFAR10
 
         train = CIFAR10(str(data_dir), train=True, download=True)
         test = CIFAR10(str(data_dir), train=False, download=True)
-    except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError, ...
+    except BaseException as exc:  # torchvision raises URLError, RuntimeError, OSError, ...
+        remove_created(data_dir, created, existing)
+        if not isinstance(exc, Exception):
+            raise
         raise DistmlError(
             f"CIFAR-10 is not in {data_dir} and could not be downloaded ({type(exc).__name__}: "
             f"{exc}). Offline, put {CIFAR10_ARCHIVE} (from {CIFAR10_URL}) into {data_dir}/, or "
@@ -179,6 +188,45 @@ def load_cifar10(data_dir: Path) -> ImageDataset:
     )
     write_dataset_file(cache, dataset)
     return dataset
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """The data folder, or its nearest existing parent, must be a folder, not a file."""
+    for folder in (data_dir, *data_dir.parents):
+        if not folder.exists():
+            continue
+        if folder.is_dir():
+            return
+        inside = "" if folder == data_dir else f" lies inside {folder}, which"
+        raise DistmlError(
+            f"--data-dir {data_dir}{inside} is a file, not a folder. Give the folder that "
+            f"holds (or is to hold) the datasets, e.g. --data-dir data (the setting "
+            "data.data_dir)."
+        )
+
+
+def outermost_missing(folder: Path) -> Path | None:
+    """The outermost of ``folder`` and its parents that does not exist yet (None if
+    ``folder`` exists): what creating ``folder`` would create."""
+    missing = None
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def remove_created(data_dir: Path, created: Path | None, existing: set[Path]) -> None:
+    """Undo a failed download: remove the folders it created, or in a folder that existed,
+    the entries that were not there before (a partial archive, a half-extracted folder)."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for entry in set(data_dir.iterdir()) - existing:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def make_synthetic(train_size: int, test_size: int, num_classes: int = 10) -> ImageDataset:

@@ -77,6 +77,13 @@ def default_out(checkpoint: Path, suffix: str) -> Path:
     return checkpoint.parent / f"{checkpoint.stem}-{suffix}"
 
 
+def run_label(checkpoint: Path) -> str:
+    """A checkpoint named with its run: ``<run folder>/best.safetensors``, since every run's
+    checkpoint has the same file name."""
+    folder = checkpoint.resolve().parent.name
+    return f"{folder}/{checkpoint.name}" if folder else checkpoint.name
+
+
 def check_out_dir(out: Path, flag: str = "--out") -> None:
     if out.exists() and not out.is_dir():
         raise DistmlError(f"{flag} {out} is a file; give a folder for the results.")
@@ -138,7 +145,7 @@ def evaluate_checkpoint(settings: EvalSettings, *, show_progress: bool = True) -
         matrix,
         list(ckpt.classes),
         confusion_png,
-        f"{settings.checkpoint.name}: {settings.split} accuracy {100 * result.accuracy:.2f}%",
+        f"{run_label(settings.checkpoint)}: {settings.split} accuracy {100 * result.accuracy:.2f}%",
     )
     report = {
         "checkpoint": str(settings.checkpoint),
