@@ -258,7 +258,7 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             where = ".".join(parents[: i + 1])
-            raise SettingsError(f"cannot set {dotted}: {where} is a value, not a table.")
+            raise SettingsError(f"cannot set {dotted}: {where} is a single value, not a section.")
         node = child
     node[leaf] = value
 

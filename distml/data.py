@@ -33,6 +33,10 @@ CIFAR10_CACHE = "cifar10.safetensors"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 SYNTHETIC_SEED = 20240601  # fixed: the synthetic set is the same for every run
+SYNTHETIC_CLASSES = 10
+IMAGE_SIZE = 32  # CIFAR-10 and the synthetic set: 32 x 32 x 3
+CIFAR10_CLASSES = 10
+CIFAR10_SIZES = (50_000, 10_000)  # train, test
 CROP_PADDING = 4
 # synthetic difficulty: a small CNN reaches ~75% test accuracy in 4 epochs on 2,000 images
 SYNTHETIC_MIX = 0.9  # weight of a second, random class's pattern in each image
@@ -55,6 +59,17 @@ class ImageDataset:
     @property
     def channels(self) -> int:
         return int(self.train_images.shape[3])
+
+
+@dataclass(frozen=True)
+class DatasetShape:
+    """What a plan needs to know of a dataset, without its images."""
+
+    num_classes: int
+    image_size: int
+    channels: int
+    train_size: int
+    test_size: int
 
 
 # ----------------------------------------------------------------------------- file format
@@ -154,6 +169,19 @@ def load_dataset(settings: DataSettings) -> ImageDataset:
     return read_dataset_file(Path(settings.dataset))
 
 
+def dataset_shape(settings: DataSettings) -> DatasetShape:
+    """The shape of the dataset the settings name, without downloading or generating it (a
+    dataset file is read and checked)."""
+    if settings.dataset == "cifar10":
+        return DatasetShape(CIFAR10_CLASSES, IMAGE_SIZE, 3, *CIFAR10_SIZES)
+    if settings.dataset == "synthetic":
+        sizes = (settings.synthetic_train_size, settings.synthetic_test_size)
+        return DatasetShape(SYNTHETIC_CLASSES, IMAGE_SIZE, 3, *sizes)
+    data = read_dataset_file(Path(settings.dataset))
+    sizes = (len(data.train_labels), len(data.test_labels))
+    return DatasetShape(len(data.classes), data.image_size, data.channels, *sizes)
+
+
 def load_cifar10(data_dir: Path) -> ImageDataset:
     """CIFAR-10 from the cache file, else from torchvision (downloading once) into the cache.
     A failed download removes what it created, so no empty or half-filled folder is left."""
@@ -229,12 +257,14 @@ def remove_created(data_dir: Path, created: Path | None, existing: set[Path]) ->
             entry.unlink(missing_ok=True)
 
 
-def make_synthetic(train_size: int, test_size: int, num_classes: int = 10) -> ImageDataset:
+def make_synthetic(
+    train_size: int, test_size: int, num_classes: int = SYNTHETIC_CLASSES
+) -> ImageDataset:
     """A deterministic, learnable, CIFAR-shaped set: each class is a smooth colour pattern
     (a few random plane waves), seen shifted, rescaled, mixed with another class's pattern
     and noised, so a CNN must learn shapes rather than a single pixel."""
     gen = torch.Generator().manual_seed(SYNTHETIC_SEED)
-    size = 32
+    size = IMAGE_SIZE
     grid = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij"))
     prototypes = []
     for _ in range(num_classes):
