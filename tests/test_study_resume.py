@@ -7,48 +7,23 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import last_json, run_cli, tree_snapshot
+from conftest import assert_clean_failure, last_json, run_cli, tree_snapshot
+from test_study import TINY_VGG_TOML
 
 import distml.study
 from distml.errors import DistmlError
 
-STUDY_TOML = """
-[model]
-arch = "vgg16"
-width = 0.125
-norm = "batch"
-
-[data]
-dataset = "synthetic"
-synthetic_train_size = 200
-synthetic_test_size = 50
-
-[optim]
-lr = 0.05
-scheduler = "cosine"
-
-[train]
-epochs = 1
-batch_size = 32
-label_smoothing = 0.0
-device = "cpu"
-"""
-FLAGS = ["--head-epochs", "1", "--fraction", "0.2", "-q"]
+# test_study's tiny VGG16, smaller still: one epoch on 200 images
+FLAGS = ["--epochs", "1", "--head-epochs", "1", "--fraction", "0.2", "-q"]
+FLAGS += ["--set", "data.synthetic_train_size=200", "--set", "data.synthetic_test_size=50"]
 EARLY_STEPS = ("1-train", "2-head", "3a-si", "3b-prune")
 
 
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "study.toml").write_text(STUDY_TOML)
+    (tmp_path / "study.toml").write_text(TINY_VGG_TOML)
     return tmp_path
-
-
-def assert_clean_failure(result, *fragments: str) -> None:
-    assert "Traceback" not in result.output
-    assert result.stderr.startswith("distml: error: ")
-    for fragment in fragments:
-        assert fragment in result.stderr, (fragment, result.stderr)
 
 
 LATE_PROBLEMS = [
