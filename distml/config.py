@@ -302,9 +302,11 @@ def field_problem(err: ErrorDetails, loc: str, keys: list[str]) -> str:
     sections = known_sections(keys)
     given = err.get("input")
     if err["type"] == "extra_forbidden":
-        what = "unknown section" if isinstance(given, dict) else "unknown setting"
         close = suggest_key(loc, keys)
-        return what + (f"; did you mean {close}?" if close else "")
+        if close is None:
+            return "unknown setting"
+        kind = "the section " if close in known_sections(keys) else ""
+        return f"unknown setting; did you mean {kind}{close}?"
     if loc in sections and not isinstance(given, dict):
         examples = [key for key in keys if key.rsplit(".", 1)[0] == loc][:3]
         return f"this is a section, not a value; set one of its keys, e.g. {' or '.join(examples)}"

@@ -118,8 +118,16 @@ def test_sections_and_values_mixed_up(workdir: Path, assignment: str, message: s
 CONFIG_FILE_CASES = [
     # mistyped keys get a suggestion, also across sections
     ("top.toml", "lr = 0.1\n", "lr: unknown setting; did you mean optim.lr?"),
-    ("section.toml", "[trian]\nepochs = 2\n", "trian: unknown section; did you mean train?"),
-    ("section.yaml", "optm:\n  lr: 0.1\n", "optm: unknown section; did you mean optim?"),
+    (
+        "section.toml",
+        "[trian]\nepochs = 2\n",
+        "trian: unknown setting; did you mean the section train?",
+    ),
+    (
+        "section.yaml",
+        "optm:\n  lr: 0.1\n",
+        "optm: unknown setting; did you mean the section optim?",
+    ),
     ("key.json", '{"train": {"epohcs": 2}}', "train.epohcs: unknown setting; did you mean"),
     ("moved.toml", "[train]\nlr = 0.1\n", "train.lr: unknown setting; did you mean optim.lr?"),
     # syntax errors give the line and column
