@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import tomllib
 from pathlib import Path
 from types import NoneType, UnionType
@@ -18,6 +19,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 
 from distml.choices import (
     Activation,
@@ -42,7 +44,8 @@ M = TypeVar("M", bound=BaseModel)
 class Section(BaseModel):
     """Base of every settings section: unknown keys are errors, values are re-validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # nan passes every bound check as "not comparable" and inf is never a usable setting
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSettings(Section):
@@ -256,13 +259,25 @@ def read_config_file(path: Path) -> dict[str, Any]:
                 "or .json."
             )
     except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SettingsError(f"config file {path} cannot be parsed: {first_line}") from exc
+        raise SettingsError(f"config file {path} cannot be parsed: {parse_problem(exc)}.") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise SettingsError(f"config file {path} must hold a table/mapping of settings at the top.")
     return data
+
+
+def parse_problem(exc: Exception) -> str:
+    """What a TOML, YAML or JSON parser found wrong, with its line and column (1-based)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} (at line {exc.lineno}, column {exc.colno})"
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        problem = exc.problem or exc.context or "syntax error"
+        return f"{problem} (at line {mark.line + 1}, column {mark.column + 1})"
+    # tomllib puts "(at line L, column C)" into its message itself
+    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return first_line.rstrip(".")
 
 
 def parse_assignment(text: str, model: type[BaseModel] | None = None) -> tuple[str, Any]:
@@ -328,7 +343,7 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             where = ".".join(parents[: i + 1])
-            raise SettingsError(f"cannot set {dotted}: {where} is a value, not a table.")
+            raise SettingsError(f"cannot set {dotted}: {where} is a single value, not a section.")
         node = child
     node[leaf] = value
 
@@ -345,6 +360,51 @@ def known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def known_sections(keys: list[str]) -> list[str]:
+    """The dotted names of the sections (tables) that ``keys`` live in."""
+    return sorted({key.rsplit(".", 1)[0] for key in keys if "." in key})
+
+
+def suggest_key(loc: str, keys: list[str]) -> str | None:
+    """The known key or section a mistyped ``loc`` most likely meant: the same key name in
+    another section (a top-level ``lr`` -> ``optim.lr``), else the closest spelling."""
+    leaf = loc.rsplit(".", 1)[-1]
+    same_leaf = [key for key in keys if key.rsplit(".", 1)[-1] == leaf]
+    if same_leaf:
+        return " or ".join(same_leaf)
+    candidates = keys + known_sections(keys)
+    close = difflib.get_close_matches(loc, candidates, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    leaves = {key.rsplit(".", 1)[-1]: key for key in candidates}
+    close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)
+    return leaves[close[0]] if close else None
+
+
+def field_problem(err: ErrorDetails, loc: str, keys: list[str]) -> str:
+    """The sentence that says what is wrong with one field, in the settings' own words (no
+    internal class names, nan and inf called what they are)."""
+    sections = known_sections(keys)
+    given = err.get("input")
+    if err["type"] == "extra_forbidden":
+        close = suggest_key(loc, keys)
+        if close is None:
+            return "unknown setting"
+        kind = "the section " if close in known_sections(keys) else ""
+        return f"unknown setting; did you mean {kind}{close}?"
+    if loc in sections and not isinstance(given, dict):
+        examples = [key for key in keys if key.rsplit(".", 1)[0] == loc][:3]
+        return f"this is a section, not a value; set one of its keys, e.g. {' or '.join(examples)}"
+    if isinstance(given, dict) and loc in keys:
+        return f"this is a single value, not a section; set {loc}=VALUE"
+    if isinstance(given, float) and not math.isfinite(given):
+        return f"must be a finite number (got {given})"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] not in ("value_error", "assertion_error") and "input" in err:
+        message += f" (got {given!r})"
+    return message
+
+
 def format_validation_error(
     exc: ValidationError, model: type[BaseModel], flag_names: dict[str, str] | None = None
 ) -> str:
@@ -356,13 +416,7 @@ def format_validation_error(
         loc = ".".join(str(p) for p in err["loc"])
         flag = flag_names.get(loc)
         where = f"{loc} ({flag})" if flag else (loc or "settings")
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(loc, keys, n=1, cutoff=0.6)
-            message = "unknown setting" + (f"; did you mean {close[0]}?" if close else "")
-        elif err["type"] not in ("value_error", "assertion_error") and "input" in err:
-            message += f" (got {err['input']!r})"
-        lines.append(f"  - {where}: {message}")
+        lines.append(f"  - {where}: {field_problem(err, loc, keys)}")
     return "invalid settings:\n" + "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,10 @@ CIFAR10_CACHE = "cifar10.safetensors"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 SYNTHETIC_SEED = 20240601  # fixed: the synthetic set is the same for every run
+SYNTHETIC_CLASSES = 10
+IMAGE_SIZE = 32  # CIFAR-10 and the synthetic set: 32 x 32 x 3
+CIFAR10_CLASSES = 10
+CIFAR10_SIZES = (50_000, 10_000)  # train, test
 CROP_PADDING = 4
 # synthetic difficulty: a small CNN reaches ~75% test accuracy in 4 epochs on 2,000 images
 SYNTHETIC_MIX = 0.9  # weight of a second, random class's pattern in each image
@@ -54,6 +59,17 @@ class ImageDataset:
     @property
     def channels(self) -> int:
         return int(self.train_images.shape[3])
+
+
+@dataclass(frozen=True)
+class DatasetShape:
+    """What a plan needs to know of a dataset, without its images."""
+
+    num_classes: int
+    image_size: int
+    channels: int
+    train_size: int
+    test_size: int
 
 
 # ----------------------------------------------------------------------------- file format
@@ -153,17 +169,38 @@ def load_dataset(settings: DataSettings) -> ImageDataset:
     return read_dataset_file(Path(settings.dataset))
 
 
+def dataset_shape(settings: DataSettings) -> DatasetShape:
+    """The shape of the dataset the settings name, without downloading or generating it (a
+    dataset file is read and checked)."""
+    if settings.dataset == "cifar10":
+        return DatasetShape(CIFAR10_CLASSES, IMAGE_SIZE, 3, *CIFAR10_SIZES)
+    if settings.dataset == "synthetic":
+        sizes = (settings.synthetic_train_size, settings.synthetic_test_size)
+        return DatasetShape(SYNTHETIC_CLASSES, IMAGE_SIZE, 3, *sizes)
+    data = read_dataset_file(Path(settings.dataset))
+    sizes = (len(data.train_labels), len(data.test_labels))
+    return DatasetShape(len(data.classes), data.image_size, data.channels, *sizes)
+
+
 def load_cifar10(data_dir: Path) -> ImageDataset:
-    """CIFAR-10 from the cache file, else from torchvision (downloading once) into the cache."""
-    cache = Path(data_dir) / CIFAR10_CACHE
+    """CIFAR-10 from the cache file, else from torchvision (downloading once) into the cache.
+    A failed download removes what it created, so no empty or half-filled folder is left."""
+    data_dir = Path(data_dir)
+    check_data_dir(data_dir)
+    cache = data_dir / CIFAR10_CACHE
     if cache.exists():
         return read_dataset_file(cache)
+    created = outermost_missing(data_dir)
+    existing = set() if created is not None else set(data_dir.iterdir())
     try:
         from torchvision.datasets import CIFAR10
 
         train = CIFAR10(str(data_dir), train=True, download=True)
         test = CIFAR10(str(data_dir), train=False, download=True)
-    except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError, ...
+    except BaseException as exc:  # torchvision raises URLError, RuntimeError, OSError, ...
+        remove_created(data_dir, created, existing)
+        if not isinstance(exc, Exception):
+            raise
         raise DistmlError(
             f"CIFAR-10 is not in {data_dir} and could not be downloaded ({type(exc).__name__}: "
             f"{exc}). Offline, put {CIFAR10_ARCHIVE} (from {CIFAR10_URL}) into {data_dir}/, or "
@@ -181,12 +218,53 @@ def load_cifar10(data_dir: Path) -> ImageDataset:
     return dataset
 
 
-def make_synthetic(train_size: int, test_size: int, num_classes: int = 10) -> ImageDataset:
+def check_data_dir(data_dir: Path) -> None:
+    """The data folder, or its nearest existing parent, must be a folder, not a file."""
+    for folder in (data_dir, *data_dir.parents):
+        if not folder.exists():
+            continue
+        if folder.is_dir():
+            return
+        inside = "" if folder == data_dir else f" lies inside {folder}, which"
+        raise DistmlError(
+            f"--data-dir {data_dir}{inside} is a file, not a folder. Give the folder that "
+            f"holds (or is to hold) the datasets, e.g. --data-dir data (the setting "
+            "data.data_dir)."
+        )
+
+
+def outermost_missing(folder: Path) -> Path | None:
+    """The outermost of ``folder`` and its parents that does not exist yet (None if
+    ``folder`` exists): what creating ``folder`` would create."""
+    missing = None
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def remove_created(data_dir: Path, created: Path | None, existing: set[Path]) -> None:
+    """Undo a failed download: remove the folders it created, or in a folder that existed,
+    the entries that were not there before (a partial archive, a half-extracted folder)."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for entry in set(data_dir.iterdir()) - existing:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def make_synthetic(
+    train_size: int, test_size: int, num_classes: int = SYNTHETIC_CLASSES
+) -> ImageDataset:
     """A deterministic, learnable, CIFAR-shaped set: each class is a smooth colour pattern
     (a few random plane waves), seen shifted, rescaled, mixed with another class's pattern
     and noised, so a CNN must learn shapes rather than a single pixel."""
     gen = torch.Generator().manual_seed(SYNTHETIC_SEED)
-    size = 32
+    size = IMAGE_SIZE
     grid = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij"))
     prototypes = []
     for _ in range(num_classes):

@@ -73,6 +73,13 @@ def check_compatible(ckpt: Checkpoint, data: ImageDataset) -> None:
         )
 
 
+def run_label(checkpoint: Path) -> str:
+    """A checkpoint named with its run: ``<run folder>/best.safetensors``, since every run's
+    checkpoint has the same file name."""
+    folder = checkpoint.resolve().parent.name
+    return f"{folder}/{checkpoint.name}" if folder else checkpoint.name
+
+
 def evaluate_checkpoint(settings: EvalSettings, *, show_progress: bool = True) -> dict[str, Any]:
     """Evaluate, write ``eval.json`` and ``confusion.png``; return the result."""
     out = settings.out or default_out(settings.checkpoint, f"eval-{settings.split}")
@@ -129,7 +136,7 @@ def evaluate_checkpoint(settings: EvalSettings, *, show_progress: bool = True) -
         matrix,
         list(ckpt.classes),
         confusion_png,
-        f"{settings.checkpoint.name}: {settings.split} accuracy {100 * result.accuracy:.2f}%",
+        f"{run_label(settings.checkpoint)}: {settings.split} accuracy {100 * result.accuracy:.2f}%",
     )
     report = {
         "checkpoint": str(settings.checkpoint),

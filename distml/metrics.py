@@ -95,7 +95,9 @@ def evaluate(
 
 def metrics_csv(history: Sequence[dict[str, Any]]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(
+        buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n"
+    )
     writer.writeheader()
     for row in history:
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in METRIC_COLUMNS})
@@ -110,7 +112,8 @@ def write_metrics(path: Path, history: Sequence[dict[str, Any]]) -> None:
 def overfitting_verdict(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Judge overfitting from the curves: the validation loss rising above its minimum while
     the training loss keeps falling, and the train/validation accuracy gap (in points; train
-    accuracy as measured during the epoch, i.e. on augmented data)."""
+    accuracy as measured during the epoch, i.e. on augmented data). The words of the verdict
+    follow the numbers it reports."""
     rows = [r for r in history if r.get("val_loss") is not None]
     if not rows:
         return {"detected": None, "verdict": "not assessed: the run had no validation set."}
@@ -120,27 +123,46 @@ def overfitting_verdict(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     epochs_after = last["epoch"] - best["epoch"]
     train_fell = last["train_loss"] < best["train_loss"]
     gap = 100 * (last["train_accuracy"] - last["val_accuracy"])
-    loss_rising = rise > OVERFIT_LOSS_RISE and epochs_after >= OVERFIT_MIN_EPOCHS and train_fell
-    detected = loss_rising or gap > OVERFIT_GAP_POINTS
-    where = f"epoch {best['epoch']} of {last['epoch']}"
-    if rise > OVERFIT_LOSS_RISE:
-        trend = f"validation loss is {100 * rise:.0f}% above its minimum ({where})"
-    else:
-        trend = f"validation loss is at or near its minimum ({where})"
+    loss_up = rise > OVERFIT_LOSS_RISE
+    loss_rising = loss_up and epochs_after >= OVERFIT_MIN_EPOCHS and train_fell
+    wide_gap = gap > OVERFIT_GAP_POINTS
+    where = f"lowest at epoch {best['epoch']} of {last['epoch']}"
+    loss = f"validation loss is {100 * rise:.0f}% above its minimum ({where})"
+    gap_text = f"train/validation accuracy gap {gap:.1f} points"
     if loss_rising:
         verdict = (
             f"Overfitting: validation loss rose {100 * rise:.0f}% above its minimum ({where}) "
-            f"while the training loss kept falling; train/validation accuracy gap {gap:.1f} points."
+            f"while the training loss kept falling; {gap_text}."
         )
-    elif detected:
+    elif wide_gap and not loss_up:
         verdict = (
             f"Overfitting: training accuracy is {gap:.1f} points above validation accuracy, "
-            f"although the {trend}."
+            f"although the validation loss is within {100 * OVERFIT_LOSS_RISE:.0f}% of its "
+            f"minimum ({100 * rise:.0f}% above, {where})."
+        )
+    elif wide_gap:
+        verdict = (
+            f"Overfitting: training accuracy is {gap:.1f} points above validation accuracy, "
+            f"and the {loss}."
+        )
+    elif loss_up and not train_fell:
+        verdict = (
+            f"Unstable training rather than overfitting: the {loss}, but the training loss "
+            f"rose too; {gap_text}."
+        )
+    elif loss_up:
+        verdict = (
+            f"Possible overfitting, too early to tell: the {loss}, {epochs_after} epoch(s) "
+            f"after it (the verdict needs {OVERFIT_MIN_EPOCHS}) while the training loss fell; "
+            f"{gap_text}."
         )
     else:
-        verdict = f"No clear overfitting: {trend}; train/validation accuracy gap {gap:.1f} points."
+        verdict = (
+            f"No clear overfitting: validation loss is within {100 * OVERFIT_LOSS_RISE:.0f}% of "
+            f"its minimum ({100 * rise:.0f}% above, {where}); {gap_text}."
+        )
     return {
-        "detected": detected,
+        "detected": loss_rising or wide_gap,
         "gap_points": round(gap, 2),
         "val_loss_min_epoch": best["epoch"],
         "val_loss_rise": round(rise, 4),

@@ -68,3 +68,11 @@ def tree_snapshot(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
     }
+
+
+def assert_clean_failure(result: Result, *fragments: str) -> None:
+    """A user error: the CLI's one-paragraph message naming every fragment, no traceback."""
+    assert "Traceback" not in result.output
+    assert result.stderr.startswith("distml: error: ")
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)
