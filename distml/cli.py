@@ -766,5 +766,83 @@ def study_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- compare-backends
+
+COMPARE_FLAG_NAMES = {
+    "backends": "--backends",
+    "nproc": "--nproc",
+    "ops": "--ops",
+    "sizes": "--sizes",
+    "iters": "--iters",
+    "warmup": "--warmup",
+    "dtype": "--dtype",
+    "train_epochs": "--train-epochs",
+    "device": "--device",
+    "out": "--out",
+}
+
+
+@app.command("compare-backends")
+@user_errors
+def compare_backends_command(
+    backends: Annotated[str, Opt(help="Comma-separated: nccl, gloo.")] = "nccl,gloo",
+    nproc: Annotated[
+        int | None, Opt(help="Ranks (default: one per visible GPU, else 2 CPU ranks).")
+    ] = None,
+    ops: Annotated[
+        str, Opt(help="Comma-separated: all_reduce, all_gather, reduce_scatter, broadcast.")
+    ] = "all_reduce,all_gather,reduce_scatter,broadcast",
+    sizes: Annotated[
+        str,
+        Opt(
+            help="A doubling range FIRST..LAST or a comma list; units B, KiB, MiB, GiB (1024) "
+            "or KB, MB, GB (1000). nccl-tests sizes: all_gather's is the gathered output, "
+            "reduce_scatter's the input."
+        ),
+    ] = "4KiB..256MiB",
+    iters: Annotated[int, Opt(help="Timed calls per op and size.")] = 20,
+    warmup: Annotated[int, Opt(help="Untimed calls before them.")] = 5,
+    dtype: Annotated[Literal["float32", "float64", "float16", "bfloat16"], Opt()] = "float32",
+    train_epochs: Annotated[
+        int, Opt(help="Also train this many epochs with DDP once per backend (0: don't).")
+    ] = 0,
+    config: Annotated[
+        Path | None, Opt(help="Training settings of --train-epochs (as for train --config).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, Opt("--set", help="dotted.key=value for the training settings.")
+    ] = None,
+    device: DeviceOpt = "auto",
+    out: Annotated[Path, Opt(help="Folder for backends.json/.csv and the plots.")] = Path(
+        "artifacts/compare-backends"
+    ),
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Collective bandwidth per backend, op and message size (as nccl-tests measures it).
+
+    Writes backends.json, backends.csv, bandwidth.png and latency.png (and training.png with
+    --train-epochs) into --out; a backend that cannot run here is reported as skipped."""
+    from distml.comm import backends_table, compare_backends
+    from distml.config import (
+        CompareBackendsSettings,
+        TrainConfig,
+        resolve_settings,
+        validate_settings,
+    )
+    from distml.train import train as run_training
+
+    values = {name: value for name, value in locals().items() if name in COMPARE_FLAG_NAMES}
+    values["training"] = resolve_settings(TrainConfig, config, {}, set_, FLAG_NAMES)
+    settings = validate_settings(CompareBackendsSettings, values, COMPARE_FLAG_NAMES)
+    result = compare_backends(
+        settings,
+        show_progress=not quiet,
+        run_training=lambda training: run_training(training, show_progress=not quiet),
+    )
+    if result is not None:  # None on the other ranks of an outer torchrun
+        emit(result, json_, backends_table)
+
+
 def main() -> None:
     app()

@@ -162,9 +162,11 @@ def plot_collectives(
     backends = list(dict.fromkeys(backend for backend, _ in groups))
     ops = list(dict.fromkeys(op for _, op in groups))
     fig, ax = plt.subplots(figsize=(8, 5))
+    plotted = False
     for (backend, op), group in groups.items():
         points = [(r["bytes"], r[key]) for r in group if r[key] > 0]  # 1 rank: busbw is 0
         if points:
+            plotted = True
             ax.plot(
                 *zip(*points, strict=True),
                 styles[backends.index(backend) % len(styles)],
@@ -177,7 +179,7 @@ def plot_collectives(
     ax.set_xlabel("message size (bytes, nccl-tests convention)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
-    if groups:
+    if plotted:
         ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
     save_figure(fig, path)
