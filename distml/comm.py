@@ -555,6 +555,7 @@ def training_row(backend: str, summary: dict[str, Any], probe: dict[str, Any]) -
         "images_per_second": summary["images_per_second"],
         "step_seconds_synced": probe["step_seconds_synced"],
         "step_seconds_no_sync": probe["step_seconds_no_sync"],
+        "steps_per_epoch": probe["steps_per_epoch"],
         "allreduce_wait_seconds_per_epoch": exposed_epoch,
         "allreduce_wait_fraction": exposed_epoch / epoch if epoch > 0 else 0.0,
         "test_accuracy": summary.get("test_accuracy"),

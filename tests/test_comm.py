@@ -218,3 +218,36 @@ def test_training_row_measures_the_exposed_allreduce_from_sync_minus_no_sync():
     assert row["allreduce_wait_fraction"] == pytest.approx(0.1)
     lines = comm.training_sentences([row, {**row, "backend": "nccl", "epoch_seconds": 5.0}])
     assert lines[-1] == "nccl trains fastest: gloo takes 2.00x as long"
+
+
+def test_train_epochs_runs_the_training_and_the_sync_probe_once_per_backend(monkeypatch, tmp_path):
+    as_one_torchrun_rank(monkeypatch)
+    trained = []
+
+    def fake_training(config):  # the real one is distml.train.train (tested in test_ddp.py)
+        trained.append(config)
+        return {"mean_epoch_seconds": 2.0, "images_per_second": 100.0, "epochs_run": 1}
+
+    settings = CompareBackendsSettings(
+        sizes=[1024],
+        ops=["broadcast"],
+        iters=1,
+        warmup=0,
+        device="cpu",
+        out=tmp_path / "out",
+        train_epochs=1,
+        training={
+            "data": {"dataset": "synthetic", "synthetic_train_size": 200, "val_fraction": 0},
+            "model": {"width": 0.125, "depth": 2},
+            "train": {"batch_size": 16},
+        },
+    )
+    result = comm.compare_backends(settings, show_progress=False, run_training=fake_training)
+    assert [(c.dist.mode, c.dist.backend, c.train.epochs) for c in trained] == [("ddp", "gloo", 1)]
+    skipped, gloo = result["training"]
+    assert skipped["backend"] == "nccl" and skipped["status"] == "skipped"
+    assert gloo["step_seconds_synced"] > 0 and gloo["step_seconds_no_sync"] > 0
+    assert gloo["steps_per_epoch"] == 200 // 16
+    exposed = max(0.0, gloo["step_seconds_synced"] - gloo["step_seconds_no_sync"])
+    assert gloo["allreduce_wait_seconds_per_epoch"] == pytest.approx(exposed * (200 // 16))
+    assert Path(result["files"]["training.png"]).is_file()
