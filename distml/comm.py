@@ -736,6 +736,11 @@ def interpret(rows: list[dict[str, Any]], training: list[dict[str, Any]]) -> lis
         lines += [text for op in ops if (text := compare_op(op, label, own, reference))]
     if measured and not reference:
         lines.append("no nccl row: gloo cannot be compared with nccl on this machine")
+    if measured and measured[0]["ranks"] == 1:
+        lines.append(
+            "one rank: no data crosses a link, so the bus bandwidths are 0 (broadcast's is a "
+            "local no-op); measure with --nproc 2 or more"
+        )
     lines.append(wrong_sentence(measured))
     lines += training_sentences(training)
     return lines
