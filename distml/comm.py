@@ -674,7 +674,8 @@ def write_outputs(result: dict[str, Any], out: Path) -> dict[str, str]:
     trained = [row for row in result["training"] if row["status"] == "ok"]
     if trained:
         files["training.png"] = out / "training.png"
-        plot_backend_training(trained, files["training.png"], title)
+        training_title = f"DDP training, {result['ranks']} ranks on {result['device_name']}"
+        plot_backend_training(trained, files["training.png"], training_title)
     names = {name: str(path) for name, path in files.items()}
     atomic_write_text(files["backends.csv"], rows_csv(result["rows"]))
     atomic_write_json(files["backends.json"], {**result, "files": names})

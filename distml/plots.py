@@ -10,7 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from distml.checkpoint import atomic_write
 
@@ -153,6 +153,13 @@ def collective_lines(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], li
     return {key: sorted(group, key=lambda r: r["bytes"]) for key, group in lines.items()}
 
 
+def binary_size_label(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:g} {unit}"
+    return f"{nbytes:g} B"
+
+
 def plot_collectives(
     rows: Sequence[dict[str, Any]], path: Path, title: str, key: str, ylabel: str
 ) -> None:
@@ -175,8 +182,9 @@ def plot_collectives(
                 label=f"{backend} {op}",
             )
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: binary_size_label(value)))
     ax.set_yscale("log")
-    ax.set_xlabel("message size (bytes, nccl-tests convention)")
+    ax.set_xlabel("message size (nccl-tests convention)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
     if plotted:
