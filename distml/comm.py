@@ -778,8 +778,8 @@ def training_sentences(training: list[dict[str, Any]]) -> list[str]:
 def backends_table(result: dict[str, Any]) -> str:
     """The terminal report: nccl-tests-like columns, then training and the reading."""
     head = (
-        f"{'backend':<20}{'op':<15}{'size':>10}{'count':>12}{'time us':>11}{'p10':>10}"
-        f"{'p90':>10}{'algbw':>9}{'busbw':>9}{'#wrong':>8}"
+        f"{'backend':<20}{'op':<15}{'size':>10}{'count':>12}{'time us':>12}{'p10':>12}"
+        f"{'p90':>12}{'algbw':>9}{'busbw':>9}{'#wrong':>8}"
     )
     lines = [
         f"{result['ranks']} ranks on {result['device_name']}, {result['dtype']}, "
@@ -792,7 +792,7 @@ def backends_table(result: dict[str, Any]) -> str:
             continue
         lines.append(
             f"{r['backend']:<20}{r['op']:<15}{format_bytes(r['bytes']):>10}{r['count']:>12,}"
-            f"{r['time_us']:>11.1f}{r['time_us_p10']:>10.1f}{r['time_us_p90']:>10.1f}"
+            f"{r['time_us']:>12.1f}{r['time_us_p10']:>12.1f}{r['time_us_p90']:>12.1f}"
             f"{r['algbw_gbps']:>9.3f}{r['busbw_gbps']:>9.3f}{r['wrong']:>8}"
         )
     lines += ["", *result["interpretation"], ""]
