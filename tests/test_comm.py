@@ -192,6 +192,7 @@ def test_interpretation_says_where_gloo_keeps_up_and_where_it_falls_behind():
             "backend": backend,
             "status": "ok",
             "op": "all_reduce",
+            "ranks": 2,
             "bytes": size,
             "requested_bytes": size,
             "time_us": time_us,
