@@ -20,6 +20,8 @@ from pydantic import BaseModel
 
 from distml import __version__
 from distml.config import (
+    CompareBackendsSettings,
+    CompareSettings,
     EvalSettings,
     PruneSettings,
     SelectSettings,
@@ -27,6 +29,7 @@ from distml.config import (
     StudySettings,
     TrainConfig,
     resolve_settings,
+    validate_settings,
 )
 from distml.errors import DistmlError
 from distml.flags import OptionTable, PanelCommand, flag_names, setting_options
@@ -535,41 +538,91 @@ def study_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    app()
+# ----------------------------------------------------------------------------- compare-backends
+
+COMPARE_BACKENDS_OPTIONS: OptionTable = {
+    "Collectives": {
+        "--backends": "backends",
+        "--nproc": "nproc",
+        "--ops": "ops",
+        "--sizes": "sizes",
+        "--iters": "iters",
+        "--warmup": "warmup",
+        "--dtype": "dtype",
+    },
+    "Training comparison": {"--train-epochs": "train_epochs"},
+    "Options": {"--device": "device", "--out": "out"},
+}
+
+
+@app.command("compare-backends", cls=PanelCommand)
+@user_errors
+@setting_options(CompareBackendsSettings, COMPARE_BACKENDS_OPTIONS)
+def compare_backends_command(
+    config: Annotated[
+        Path | None,
+        Opt(
+            metavar="PATH",
+            help="Training settings of --train-epochs (as for train --config).",
+            rich_help_panel="Training comparison",
+        ),
+    ] = None,
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    *,
+    flags: dict[str, Any],
+) -> None:
+    """Collective bandwidth and latency of NCCL and Gloo per op and message size.
+
+    Measured as nccl-tests does (algbw, busbw, a value check of every result). Writes
+    backends.json, backends.csv, bandwidth.png and latency.png (and training.png with
+    --train-epochs) into --out; a backend that cannot run here is a skipped row."""
+    from distml.comm import backends_table, compare_backends
+    from distml.launch import start_training
+
+    training = resolve_settings(TrainConfig, config, {}, set_, TRAIN_FLAG_NAMES)
+    values = {**flags, "training": training}
+    settings = validate_settings(
+        CompareBackendsSettings, values, flag_names(COMPARE_BACKENDS_OPTIONS)
+    )
+    result = compare_backends(
+        settings,
+        show_progress=not quiet,
+        run_training=lambda run: start_training(run, show_progress=not quiet),
+    )
+    if result is not None:  # None on the other ranks of an outer torchrun
+        emit(result, json_, backends_table)
 
 
 # ----------------------------------------------------------------------------- compare
 
 
-@app.command("compare")
+COMPARE_OPTIONS: OptionTable = {
+    "Options": {"--out": "out", "--allow-unfinished": "allow_unfinished"},
+}
+
+
+@app.command("compare", cls=PanelCommand)
 @user_errors
+@setting_options(CompareSettings, COMPARE_OPTIONS)
 def compare_command(
     run_dirs: Annotated[
-        list[Path], typer.Argument(help="Run folders written by distml train.", show_default=False)
+        list[Path],
+        typer.Argument(metavar="RUN_DIR", help="Run folders written by distml train."),
     ],
-    out: Annotated[
-        Path | None,
-        Opt(help="Report folder (default: artifacts/compare/DATE-TIME)."),
-    ] = None,
-    allow_unfinished: Annotated[
-        bool,
-        Opt(
-            "--allow-unfinished",
-            help="Include runs without summary.json, marked unfinished (numbers from metrics.csv).",
-        ),
-    ] = False,
     json_: JsonOpt = False,
+    *,
+    flags: dict[str, Any],
 ) -> None:
-    """Compare training runs side by side: table, seed groups, plots and an interpretation.
+    """Compare training runs side by side: table, seed groups, plots, interpretation.
 
     Writes report.md, compare.csv, compare.json, curves.png and time_memory.png into --out;
     runs that differ only in the seed are averaged (mean and standard deviation)."""
-    from distml.compare import CompareSettings, compare_runs
-    from distml.config import validate_settings
+    from distml.compare import compare_runs
 
-    values = {"runs": run_dirs, "out": out, "allow_unfinished": allow_unfinished}
-    settings = validate_settings(CompareSettings, values)
+    values = {**flags, "runs": run_dirs}
+    settings = validate_settings(CompareSettings, values, flag_names(COMPARE_OPTIONS))
     emit(compare_runs(settings), json_, compare_report)
 
 
@@ -580,3 +633,7 @@ def compare_report(r: dict[str, Any]) -> str:
     lines += [f"- {sentence}" for sentence in r["interpretation"]]
     lines.append(f"\nreport: {r['files']['report.md']}")
     return "\n".join(lines)
+
+
+def main() -> None:
+    app()

@@ -40,11 +40,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
-
-from distml.checkpoint import atomic_write_json, atomic_write_text, current_umask
-from distml.config import Section, TrainConfig
+from distml.config import CompareSettings, TrainConfig
 from distml.errors import DistmlError
+from distml.files import atomic_write_json, atomic_write_text, current_umask
 from distml.metrics import METRIC_COLUMNS, overfitting_verdict
 from distml.plots import plot_bar_panels, plot_overlaid_curves
 
@@ -61,23 +59,6 @@ GROUP_METRICS = (
     "images_per_second",
     "peak_memory_mb",
 )
-
-
-class CompareSettings(Section):
-    """``distml compare``: which run folders, where the report goes."""
-
-    runs: list[Path] = Field(min_length=1, description="run folders written by distml train")
-    out: Path | None = Field(
-        None, description="report folder (default: artifacts/compare/<date-time>)"
-    )
-    allow_unfinished: bool = Field(
-        False, description="include runs without summary.json, marked unfinished"
-    )
-    title: str = Field("Run comparison", description="heading of report.md")
-    not_compared: dict[str, str] = Field(
-        default_factory=dict,
-        description="runs left out, name -> why (a failed or skipped sweep run), for report.md",
-    )
 
 
 @dataclass(frozen=True)

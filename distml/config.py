@@ -11,13 +11,14 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 import tomllib
 from pathlib import Path
 from types import NoneType, UnionType
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
@@ -551,3 +552,128 @@ class StudySettings(Section):
         if self.head.epochs < 1:
             raise ValueError("the study trains new heads: head.epochs (--head-epochs) must be >= 1")
         return self
+
+
+# ----------------------------------------------------------------------------- compare-backends
+# Settings of `distml compare-backends` (distml/comm.py).
+
+CollectiveOp = Literal["all_reduce", "all_gather", "reduce_scatter", "broadcast"]
+CollectiveDtype = Literal["float32", "float64", "float16", "bfloat16"]
+COLLECTIVE_OPS: tuple[str, ...] = get_args(CollectiveOp)
+# binary units as nccl-tests prints them; KB/MB/GB are decimal (1e3), as disks count
+SIZE_UNITS = {
+    "b": 1,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+}
+
+
+def parse_size(text: str) -> int:
+    """``"4KiB"`` -> 4096 bytes; a bare number is bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() or "b" if match else ""
+    nbytes = float(match.group(1)) * SIZE_UNITS[unit] if unit in SIZE_UNITS else 0.0
+    if not match or nbytes < 1 or nbytes != int(nbytes):
+        raise ValueError(
+            f"size {text!r} does not parse: give a positive whole number of bytes with a unit "
+            "B, KiB, MiB, GiB (powers of 1024) or KB, MB, GB (powers of 1000), e.g. 4KiB"
+        )
+    return int(nbytes)
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``"4KiB..256MiB"`` (doubling from the first to at most the last, as nccl-tests' -f 2)
+    or a comma list ``"1KiB,1MiB"``; both in bytes."""
+    if ".." in text:
+        first_text, _, last_text = text.partition("..")
+        first, last = parse_size(first_text), parse_size(last_text)
+        if first > last:
+            raise ValueError(f"size range {text!r} runs backwards: the first size must be smaller")
+        sizes = [first]
+        while sizes[-1] * 2 <= last:
+            sizes.append(sizes[-1] * 2)
+        return sizes
+    sizes = [parse_size(part) for part in text.split(",") if part.strip()]
+    if not sizes:
+        raise ValueError("sizes is empty: give a range like 4KiB..256MiB or a list like 1KiB,1MiB")
+    return sorted(set(sizes))
+
+
+class CompareBackendsSettings(Section):
+    """``distml compare-backends``: collective bandwidth per backend, op and size, and
+    optionally the same short DDP training once per backend."""
+
+    backends: list[Backend] = Field(
+        default_factory=lambda: ["nccl", "gloo"], min_length=1, description="backends to measure"
+    )
+    nproc: int | None = Field(None, ge=1, description="ranks (default: every GPU; 2 on CPU)")
+    ops: list[CollectiveOp] = Field(
+        default_factory=lambda: list(COLLECTIVE_OPS), min_length=1, description="collectives"
+    )
+    sizes: list[int] = Field(
+        default_factory=lambda: parse_sizes("4KiB..256MiB"),
+        min_length=1,
+        description="message sizes: a doubling range FIRST..LAST or a comma list; units B, "
+        "KiB, MiB, GiB (1024) or KB, MB, GB (1000); as nccl-tests counts them: all_gather's is "
+        "the gathered output, reduce_scatter's its input",
+        json_schema_extra={"shown_default": "4KiB..256MiB"},
+    )
+    iters: int = Field(20, ge=1, le=100_000, description="timed calls per op and size")
+    warmup: int = Field(5, ge=0, le=100_000, description="untimed calls before the timed ones")
+    dtype: CollectiveDtype = Field("float32", description="element type of the messages")
+    train_epochs: int = Field(
+        0, ge=0, le=1000, description="also train this many epochs with DDP per backend (0: no)"
+    )
+    device: DeviceChoice = Field("auto", description="where the ranks' tensors live")
+    out: Path = Field(Path("artifacts/compare-backends"), description="folder of the results")
+    timeout_seconds: int = Field(600, ge=10, description="collective timeout before a rank fails")
+    training: TrainConfig = Field(
+        default_factory=TrainConfig, description="settings of the --train-epochs runs"
+    )
+
+    @field_validator("sizes", mode="before")
+    @classmethod
+    def _sizes_from_text(cls, value: Any) -> Any:
+        # "4KiB..256MiB" from a file or --set; ["4KiB..1MiB", "8MiB"] from the comma flag
+        if isinstance(value, str):
+            return parse_sizes(value)
+        if isinstance(value, list) and any(isinstance(item, str) for item in value):
+            return parse_sizes(",".join(str(item) for item in value))
+        return value
+
+    @field_validator("backends", "ops", mode="before")
+    @classmethod
+    def _list_from_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _distinct(self) -> CompareBackendsSettings:
+        if any(size < 1 for size in self.sizes):
+            raise ValueError("every size must be at least 1 byte")
+        for name, values in (("backends", self.backends), ("ops", self.ops)):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} must not repeat a value, got {','.join(values)}")
+        return self
+
+
+class CompareSettings(Section):
+    """``distml compare``: which run folders, where the report goes."""
+
+    runs: list[Path] = Field(min_length=1, description="run folders written by distml train")
+    out: Path | None = Field(
+        None, description="report folder (default: artifacts/compare/<date-time>)"
+    )
+    allow_unfinished: bool = Field(
+        False, description="include runs without summary.json, marked unfinished"
+    )
+    title: str = Field("Run comparison", description="heading of report.md")
+    not_compared: dict[str, str] = Field(
+        default_factory=dict,
+        description="runs left out, name -> why (a failed or skipped sweep run), for report.md",
+    )

@@ -35,7 +35,9 @@ class PanelCommand(TyperCommand):
 
     def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
         # Typer writes a required argument as {NAME}; the usual spelling is NAME
-        return [piece.strip("{}") for piece in super().collect_usage_pieces(ctx)]
+        return [
+            piece.replace("{", "").replace("}", "") for piece in super().collect_usage_pieces(ctx)
+        ]
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         panels: dict[str, list[tuple[str, str]]] = {}
@@ -137,7 +139,8 @@ def option_parameter(
         choices = get_args(get_args(kind)[0])  # list[Literal[...]]: its choices
         help_text += " Comma-separated" + (f": {', '.join(choices)}." if choices else ".")
         kind = str
-    shown = shown_default(flag, default, from_config)
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    shown = str(extra.get("shown_default", "")) or shown_default(flag, default, from_config)
     option = typer.Option(
         None,
         *declarations,

@@ -10,7 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from distml.files import atomic_write
 
@@ -207,4 +207,81 @@ def plot_bar_panels(
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- compare-backends
+
+
+def collective_lines(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[dict]]:
+    """Rows grouped by (backend, op), each in size order: one line per group."""
+    lines: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        lines.setdefault((row["backend"], row["op"]), []).append(row)
+    return {key: sorted(group, key=lambda r: r["bytes"]) for key, group in lines.items()}
+
+
+def binary_size_label(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:g} {unit}"
+    return f"{nbytes:g} B"
+
+
+def plot_collectives(
+    rows: Sequence[dict[str, Any]], path: Path, title: str, key: str, ylabel: str
+) -> None:
+    """``key`` against message size, log-log: colour = op, line style = backend."""
+    styles = ["o-", "s--", "^:", "d-."]
+    groups = collective_lines(rows)
+    backends = list(dict.fromkeys(backend for backend, _ in groups))
+    ops = list(dict.fromkeys(op for _, op in groups))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    plotted = False
+    for (backend, op), group in groups.items():
+        points = [(r["bytes"], r[key]) for r in group if r[key] > 0]  # 1 rank: busbw is 0
+        if points:
+            plotted = True
+            ax.plot(
+                *zip(*points, strict=True),
+                styles[backends.index(backend) % len(styles)],
+                ms=3,
+                color=f"C{ops.index(op)}",
+                label=f"{backend} {op}",
+            )
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: binary_size_label(value)))
+    ax.set_yscale("log")
+    ax.set_xlabel("message size (nccl-tests convention)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+    if plotted:
+        ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    save_figure(fig, path)
+
+
+def plot_bandwidth(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    plot_collectives(rows, path, title, "busbw_gbps", "bus bandwidth (GB/s, median time)")
+
+
+def plot_latency(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    plot_collectives(rows, path, title, "time_us", "time per call (µs, median)")
+
+
+def plot_backend_training(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Epoch time per backend, the part spent waiting for gradient all-reduce stacked on top."""
+    names = [row["backend"] for row in rows]
+    waiting = [row["allreduce_wait_seconds_per_epoch"] for row in rows]
+    rest = [max(0.0, row["epoch_seconds"] - wait) for row, wait in zip(rows, waiting, strict=True)]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(rows) + 2), 4.5))
+    ax.bar(names, rest, color="tab:blue", label="compute and overlapped communication")
+    ax.bar(names, waiting, bottom=rest, color="tab:red", label="waiting for gradient all-reduce")
+    for i, row in enumerate(rows):
+        ax.text(i, row["epoch_seconds"], f"{row['epoch_seconds']:.2f} s", ha="center", va="bottom")
+    ax.set_ylabel("seconds per epoch")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
     save_figure(fig, path)

@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 from distml import config
 from distml.cli import (
+    COMPARE_BACKENDS_OPTIONS,
+    COMPARE_OPTIONS,
     EVAL_OPTIONS,
     PRUNE_OPTIONS,
     SELECT_OPTIONS,
@@ -28,6 +30,8 @@ COMMANDS = {
     "prune": (config.PruneSettings, PRUNE_OPTIONS),
     "select-features": (config.SelectSettings, SELECT_OPTIONS),
     "study": (config.StudySettings, STUDY_OPTIONS),
+    "compare-backends": (config.CompareBackendsSettings, COMPARE_BACKENDS_OPTIONS),
+    "compare": (config.CompareSettings, COMPARE_OPTIONS),
 }
 
 
