@@ -10,6 +10,10 @@
 Examples:
     python scripts/bench_si.py --quick                      # CPU smoke run, under 2 minutes
     python scripts/bench_si.py --device cuda --n 5000 --json si_bench.json
+    python scripts/bench_si.py --n 2000 --only 256x8x8 --skip-selection --threads 2
+
+Each layer's row also times one x @ x.T of the same features and gives the ratio SI / x@x.T.
+On a shared CPU wall times are noisy: compare ratios from the same run.
 
 The full sizes are meant for a GPU: on a laptop CPU the 64x32x32 layers at N = 5000 take
 about a minute per run.
