@@ -768,3 +768,87 @@ def study_report(r: dict[str, Any]) -> str:
 
 def main() -> None:
     app()
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def comma_list(text: str | None) -> list[str] | None:
+    return None if text is None else [item.strip() for item in text.split(",") if item.strip()]
+
+
+@app.command("bench")
+@user_errors
+def bench_command(
+    model: Annotated[Literal["cnn", "vgg16"], Opt(help="Architecture.")] = "cnn",
+    width: Annotated[
+        float | None, Opt(help="Channel multiplier (default: 1.0 on CUDA, 0.25 on the CPU).")
+    ] = None,
+    depth: Annotated[int, Opt(help="cnn: conv blocks (8 = ResNet-9).")] = 8,
+    batch_size: Annotated[
+        int | None, Opt(help="Images per step (default: 512 on CUDA, 64 on the CPU).")
+    ] = None,
+    steps: Annotated[int, Opt(help="Timed training steps per line.")] = 50,
+    warmup: Annotated[int, Opt(help="Untimed steps before them.")] = 10,
+    device: DeviceOpt = "auto",
+    precision: Annotated[
+        str | None,
+        Opt(
+            help="Precisions of the distml ladder, comma-separated from 32, bf16-mixed, "
+            "16-mixed (default: bf16-mixed,16-mixed on CUDA, bf16-mixed on the CPU)."
+        ),
+    ] = None,
+    pipelines: Annotated[str, Opt(help="classic, distml, or both.")] = "classic,distml",
+    compile_: Annotated[
+        bool, Opt("--compile", help="Add a torch.compile line to the ladder.")
+    ] = False,
+    dataset: Annotated[str, Opt(help="synthetic, cifar10 or a .safetensors file.")] = "synthetic",
+    data_dir: Annotated[Path, Opt(help="Dataset cache folder.")] = Path("data"),
+    images: Annotated[int, Opt(help="Synthetic training images.")] = 20_000,
+    workers: Annotated[
+        int | None, Opt(help="Classic DataLoader workers (default: min(8, cores)).")
+    ] = None,
+    out: Annotated[Path, Opt(help="Folder for bench.json, bench.csv, bench.png.")] = Path(
+        "artifacts/bench"
+    ),
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Training images/s of distml's data path, setting by setting, against the classic
+    tutorial pipeline (DataLoader of PIL images, fp32), on the same model and batch."""
+    from distml.bench import run_bench
+    from distml.config import BenchSettings, validate_settings
+
+    values = {
+        "model": model,
+        "width": width,
+        "depth": depth,
+        "batch_size": batch_size,
+        "steps": steps,
+        "warmup": warmup,
+        "device": device,
+        "precisions": comma_list(precision),
+        "pipelines": comma_list(pipelines),
+        "compile": compile_,
+        "dataset": dataset,
+        "data_dir": data_dir,
+        "images": images,
+        "workers": workers,
+        "out": out,
+    }
+    names = {key: "--" + key.replace("_", "-") for key in values}
+    names |= {"precisions": "--precision", "compile": "--compile"}
+    settings = validate_settings(BenchSettings, values, names)
+    emit(run_bench(settings, show_progress=not quiet), json_, bench_report)
+
+
+def bench_report(r: dict[str, Any]) -> str:
+    lines = [
+        f"{r['model']}, batch {r['settings']['batch_size']}, {r['device']}, torch {r['torch']}; "
+        f"{r['flops_per_image'] / 1e9:.3f} GFLOP per training image; {r['mfu_note']}",
+        "",
+        r["table"],
+        "",
+        f"bench.json: {r['json']}\nbench.csv:  {r['csv']}\nplot:       {r['plot']}",
+    ]
+    return "\n".join(lines)

@@ -389,3 +389,47 @@ class StudySettings(Section):
         if self.head.epochs < 1:
             raise ValueError("the study trains new heads: head.epochs (--head-epochs) must be >= 1")
         return self
+
+
+# ----------------------------------------------------------------------------- bench
+# Settings of `distml bench` (distml/bench.py). Unset width/batch/precisions get
+# device-dependent defaults there: full size on a GPU, a small model on the CPU.
+
+BenchPipeline = Literal["classic", "distml"]
+
+
+class BenchSettings(Section):
+    """``distml bench``: training throughput of distml's data path against the classic one."""
+
+    model: Arch = "cnn"
+    width: float | None = Field(None, gt=0, le=16, description="default: 1.0 on CUDA, 0.25 on CPU")
+    depth: int = Field(8, ge=1, le=64, description="conv blocks of the cnn")
+    batch_size: int | None = Field(None, ge=1, description="default: 512 on CUDA, 64 on CPU")
+    steps: int = Field(50, ge=1, description="timed training steps per line")
+    warmup: int = Field(10, ge=0, description="untimed steps first (autotuning, allocator)")
+    device: DeviceChoice = "auto"
+    precisions: list[Literal["32", "16-mixed", "bf16-mixed"]] | None = Field(
+        None,
+        description="precisions of the distml ladder (default: bf16 and fp16 on CUDA, bf16 on CPU)",
+    )
+    pipelines: list[BenchPipeline] = Field(
+        default_factory=lambda: ["classic", "distml"], min_length=1
+    )
+    compile: bool = Field(False, description="add a torch.compile line to the ladder")
+    dataset: str = Field("synthetic", description="synthetic, cifar10 or a .safetensors dataset")
+    data_dir: Path = Path("data")
+    images: int = Field(20_000, ge=20, description="synthetic training images")
+    workers: int | None = Field(
+        None, ge=0, description="classic DataLoader workers (default: min(8, cores))"
+    )
+    seed: int = Field(0, ge=0)
+    out: Path = Field(
+        Path("artifacts/bench"), description="folder for bench.json, bench.csv, bench.png"
+    )
+
+    @model_validator(mode="after")
+    def _unique_lists(self) -> BenchSettings:
+        for name, values in (("pipelines", self.pipelines), ("precisions", self.precisions or [])):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} must not repeat a value, got {','.join(values)}")
+        return self
