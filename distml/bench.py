@@ -381,7 +381,7 @@ def run_line_checked(work: Workload, line: Line, settings: BenchSettings, batch:
     """``run_line``, turning an out-of-memory error into the batch that fits, and a failed
     torch.compile into a user-facing error (both exit 2)."""
     try:
-        return run_line(work, line, batch, settings.warmup, settings.steps)
+        return run_line(work, line, batch, warmup_steps(work, line, settings), settings.steps)
     except torch.OutOfMemoryError:
         pass  # leave the handler first: its traceback holds the line's tensors
     except Exception as exc:
@@ -402,6 +402,15 @@ def run_line_checked(work: Workload, line: Line, settings: BenchSettings, batch:
         f"largest batch that fits is {fits}: {advice} (or a smaller --width). Nothing more "
         "was measured."
     )
+
+
+def warmup_steps(work: Workload, line: Line, settings: BenchSettings) -> int:
+    """The DataLoader holds up to 2 batches per worker ready (prefetch_factor 2): the classic
+    line warms up at least that long, so a loader slower than the GPU is timed at its steady
+    state, not while the GPU eats the batches prepared during warm-up."""
+    if line.pipeline == "classic":
+        return max(settings.warmup, 2 * work.workers)
+    return settings.warmup
 
 
 def fits_in_memory(work: Workload, line: Line, batch: int) -> bool:

@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # agree to float rounding, amplified over a few epochs: 2% relative per epoch is far below
 # what a real bug (a wrong layout, a skipped step) does to the curve.
 CURVE_RTOL = 0.02
-FUSED_RTOL = 1e-4  # fused vs foreach SGD: same arithmetic, different summation order
+# fused vs foreach SGD: the same arithmetic in another order, over 20 steps in which the
+# backward pass's atomic adds (max pooling) also differ from run to run
+FUSED_RTOL = 1e-3
 TINY = [
     "--dataset",
     "synthetic",
@@ -172,9 +174,16 @@ def distml(
     command = [sys.executable, "-m", "distml", *map(str, args)]
     done = run_command(ctx, log_name, command, timeout, env)
     if done.returncode != expect:
-        last = (done.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-        raise Fail(f"exit {done.returncode}, expected {expect}: {last[:300]}")
+        raise Fail(f"exit {done.returncode}, expected {expect}: {error_line(done.stderr)}")
     return done
+
+
+def error_line(stderr: str) -> str:
+    """The line of stderr that names the error (a traceback's last line can be the tail of
+    a wrapped message), cut to 300 characters."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    named = [line for line in lines if "Error" in line or line.startswith("distml:")]
+    return ((named or lines or ["(no stderr)"])[-1])[:300]
 
 
 def last_json(done: subprocess.CompletedProcess) -> dict[str, Any]:
@@ -232,7 +241,7 @@ def check_train_precisions(ctx: Context) -> str:
     needs_gpu(ctx)
     results = []
     for precision in ("32", "16-mixed", "bf16-mixed"):
-        summary = train(ctx, f"train-{precision}", "--precision", precision, "--deterministic")
+        summary = train(ctx, f"train-{precision}", "--precision", precision)
         if summary["device_name"].startswith("CPU") or not math.isfinite(summary["test_loss"]):
             raise Fail(f"{precision}: ran on {summary['device_name']}, loss {summary['test_loss']}")
         results.append(f"{precision} acc {100 * summary['test_accuracy']:.1f}%")
@@ -246,7 +255,6 @@ def check_channels_last(ctx: Context) -> str:
         "train-32-nchw",
         "--precision",
         "32",
-        "--deterministic",
         "--set",
         "train.channels_last=false",
     )
@@ -260,7 +268,6 @@ def check_compile(ctx: Context) -> str:
         "train-compile",
         "--precision",
         "32",
-        "--deterministic",
         "--set",
         "train.compile=true",
         timeout=600,
@@ -280,12 +287,12 @@ def compare_curves(ctx: Context, first: str, second: str) -> str:
 
 FUSED_SNIPPET = """
 import json, os
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import torch
 from distml.config import TrainConfig
 from distml.models import ModelSpec, build_model
 from distml.train import make_optimizer
-torch.use_deterministic_algorithms(True)
+torch.backends.cudnn.deterministic = True  # same conv algorithms in both runs
+torch.backends.cudnn.benchmark = False
 device = torch.device("cuda")
 weights, flags = [], []
 for fused in (True, False):
@@ -318,7 +325,7 @@ def check_fused_optimizer(ctx: Context) -> str:
     needs_gpu(ctx)
     done = run_command(ctx, "fused-optimizer", [sys.executable, "-c", FUSED_SNIPPET])
     if done.returncode != 0:
-        raise Fail(f"exit {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1]}")
+        raise Fail(f"exit {done.returncode}: {error_line(done.stderr)}")
     result = last_json(done)
     if result["fused_flags"] != [True, False]:
         raise Fail(f"make_optimizer on CUDA is not fused: {result['fused_flags']}")
@@ -383,7 +390,7 @@ def check_nccl_two_ranks_one_gpu_is_an_error(ctx: Context) -> str:
         timeout=180,
         env=ONE_GPU,
     )
-    return "exit 2: " + (done.stderr.strip().splitlines() or [""])[-1][:200]
+    return "exit 2: " + error_line(done.stderr)
 
 
 def check_ddp_two_gpus(ctx: Context) -> str:
