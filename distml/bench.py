@@ -39,7 +39,7 @@ from distml.evaluate import check_out_dir
 from distml.metrics import autocast_context
 from distml.models import ModelSpec, build_model
 from distml.plots import plot_throughput
-from distml.train import make_optimizer
+from distml.train import make_optimizer, synchronize
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' data sheets, matched
 # against torch.cuda.get_device_name; the first pattern that matches wins, so the specific
@@ -125,10 +125,11 @@ class Resolved:
 
 def resolve(settings: BenchSettings, device: torch.device) -> Resolved:
     cuda = device.type == "cuda"
-    width = settings.width if settings.width is not None else (1.0 if cuda else 0.25)
-    batch = settings.batch_size if settings.batch_size is not None else (512 if cuda else 64)
-    # fp16 autocast on a CPU is ~10x slower than fp32 (docs/benchmarks.md): not by default
-    default_precisions = ["bf16-mixed", "16-mixed"] if cuda else ["bf16-mixed"]
+    width = settings.width if settings.width is not None else (1.0 if cuda else 0.125)
+    batch = settings.batch_size if settings.batch_size is not None else (512 if cuda else 32)
+    # On a CPU fp16 autocast is ~10x slower than fp32 and bf16 autocast with channels_last
+    # was ~3x slower (docs/benchmarks.md): the CPU ladder is fp32 unless asked
+    default_precisions = ["bf16-mixed", "16-mixed"] if cuda else ["32"]
     precisions = list(settings.precisions or default_precisions)
     workers = settings.workers if settings.workers is not None else min(8, os.cpu_count() or 1)
     return Resolved(width, batch, precisions, workers)
@@ -254,11 +255,6 @@ def time_steps(
         mark.record()
     synchronize(device)
     return [a.elapsed_time(b) / 1000 for a, b in itertools.pairwise(marks)]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def spread(seconds: list[float]) -> tuple[float, float, float]:

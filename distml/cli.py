@@ -782,11 +782,11 @@ def comma_list(text: str | None) -> list[str] | None:
 def bench_command(
     model: Annotated[Literal["cnn", "vgg16"], Opt(help="Architecture.")] = "cnn",
     width: Annotated[
-        float | None, Opt(help="Channel multiplier (default: 1.0 on CUDA, 0.25 on the CPU).")
+        float | None, Opt(help="Channel multiplier (default: 1.0 on CUDA, 0.125 on the CPU).")
     ] = None,
     depth: Annotated[int, Opt(help="cnn: conv blocks (8 = ResNet-9).")] = 8,
     batch_size: Annotated[
-        int | None, Opt(help="Images per step (default: 512 on CUDA, 64 on the CPU).")
+        int | None, Opt(help="Images per step (default: 512 on CUDA, 32 on the CPU).")
     ] = None,
     steps: Annotated[int, Opt(help="Timed training steps per line.")] = 50,
     warmup: Annotated[int, Opt(help="Untimed steps before them.")] = 10,
@@ -795,7 +795,7 @@ def bench_command(
         str | None,
         Opt(
             help="Precisions of the distml ladder, comma-separated from 32, bf16-mixed, "
-            "16-mixed (default: bf16-mixed,16-mixed on CUDA, bf16-mixed on the CPU)."
+            "16-mixed (default: bf16-mixed,16-mixed on CUDA, 32 on the CPU)."
         ),
     ] = None,
     pipelines: Annotated[str, Opt(help="classic, distml, or both.")] = "classic,distml",

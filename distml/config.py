@@ -402,15 +402,15 @@ class BenchSettings(Section):
     """``distml bench``: training throughput of distml's data path against the classic one."""
 
     model: Arch = "cnn"
-    width: float | None = Field(None, gt=0, le=16, description="default: 1.0 on CUDA, 0.25 on CPU")
+    width: float | None = Field(None, gt=0, le=16, description="default: 1.0 on CUDA, 0.125 on CPU")
     depth: int = Field(8, ge=1, le=64, description="conv blocks of the cnn")
-    batch_size: int | None = Field(None, ge=1, description="default: 512 on CUDA, 64 on CPU")
+    batch_size: int | None = Field(None, ge=1, description="default: 512 on CUDA, 32 on CPU")
     steps: int = Field(50, ge=1, description="timed training steps per line")
     warmup: int = Field(10, ge=0, description="untimed steps first (autotuning, allocator)")
     device: DeviceChoice = "auto"
     precisions: list[Literal["32", "16-mixed", "bf16-mixed"]] | None = Field(
         None,
-        description="precisions of the distml ladder (default: bf16 and fp16 on CUDA, bf16 on CPU)",
+        description="precisions of the distml ladder (default: bf16 and fp16 on CUDA, fp32 on CPU)",
     )
     pipelines: list[BenchPipeline] = Field(
         default_factory=lambda: ["classic", "distml"], min_length=1
