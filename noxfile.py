@@ -110,3 +110,18 @@ def docker(session: nox.Session) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     session.log(f"smoke run on the host, {run_dir}: {found}")
     session.log(f"summary.json keys: {sorted(summary)}")
+
+
+@nox.session(python=False)
+def gpu(session: nox.Session) -> None:
+    """Every CUDA path of distml (scripts/gpu_check.py) with this machine's own Python: no
+    virtualenv, no installs (GPU machines may have no network). Skipped where no GPU is
+    visible. Extra arguments go to the script, e.g. `nox -s gpu -- --quick --out DIR`."""
+    probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    found = subprocess.run(["python3", "-c", probe], capture_output=True, text=True)
+    if found.returncode != 0 or found.stdout.strip() in ("", "0"):
+        session.skip(
+            "no CUDA GPU is visible to PyTorch here (or torch is not importable by python3): "
+            "nothing to check. Run it on a machine with a GPU."
+        )
+    session.run("python3", "scripts/gpu_check.py", *session.posargs, external=True)

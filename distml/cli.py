@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from distml import __version__
 from distml.config import (
+    BenchSettings,
     CompareBackendsSettings,
     CompareSettings,
     EvalSettings,
@@ -637,3 +638,55 @@ def compare_report(r: dict[str, Any]) -> str:
 
 def main() -> None:
     app()
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+BENCH_OPTIONS: OptionTable = {
+    "Model": {"--model": "model", "--width": "width", "--depth": "depth"},
+    "Timing": {
+        "--batch-size": "batch_size",
+        "--steps": "steps",
+        "--warmup": "warmup",
+        "--device": "device",
+        "--precision": "precisions",
+        "--pipelines": "pipelines",
+        "--compile": "compile",
+        "--workers": "workers",
+        "--seed": "seed",
+    },
+    "Data": {"--dataset": "dataset", "--data-dir": "data_dir", "--images": "images"},
+    "Output": {"--out": "out"},
+}
+
+
+@app.command("bench", cls=PanelCommand)
+@user_errors
+@setting_options(BenchSettings, BENCH_OPTIONS)
+def bench_command(
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    *,
+    flags: dict[str, Any],
+) -> None:
+    """Training images/s of distml's path, setting by setting, against the classic pipeline.
+
+    Classic: a DataLoader of PIL images with torchvision transforms, fp32, NCHW. Writes
+    bench.json, bench.csv and bench.png into --out."""
+    from distml.bench import run_bench
+
+    settings = validate_settings(BenchSettings, flags, flag_names(BENCH_OPTIONS))
+    emit(run_bench(settings, show_progress=not quiet), json_, bench_report)
+
+
+def bench_report(r: dict[str, Any]) -> str:
+    lines = [
+        f"{r['model']}, batch {r['settings']['batch_size']}, {r['device']}, torch {r['torch']}; "
+        f"{r['flops_per_image'] / 1e9:.3f} GFLOP per training image; {r['mfu_note']}",
+        "",
+        r["table"],
+        "",
+        f"bench.json: {r['json']}\nbench.csv:  {r['csv']}\nplot:       {r['plot']}",
+    ]
+    return "\n".join(lines)

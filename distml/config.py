@@ -677,3 +677,53 @@ class CompareSettings(Section):
         default_factory=dict,
         description="runs left out, name -> why (a failed or skipped sweep run), for report.md",
     )
+
+
+# ----------------------------------------------------------------------------- bench
+# Settings of `distml bench` (distml/bench.py). Unset width/batch/precisions get
+# device-dependent defaults there: full size on a GPU, a small model on the CPU.
+
+BenchPipeline = Literal["classic", "distml"]
+
+
+class BenchSettings(Section):
+    """``distml bench``: training throughput of distml's data path against the classic one."""
+
+    model: Arch = Field("cnn", description="architecture: cnn (ResNet-9 family) or vgg16")
+    width: float | None = Field(
+        None, gt=0, le=16, description="channel multiplier (default: 1.0 on CUDA, 0.125 on CPU)"
+    )
+    depth: int = Field(8, ge=1, le=64, description="conv blocks of the cnn (8 = ResNet-9)")
+    batch_size: int | None = Field(
+        None, ge=1, description="images per step (default: 512 on CUDA, 32 on CPU)"
+    )
+    steps: int = Field(50, ge=1, description="timed training steps per line")
+    warmup: int = Field(10, ge=0, description="untimed steps first (autotuning, allocator)")
+    device: DeviceChoice = Field("auto", description="where to train: auto, cuda or cpu")
+    precisions: list[Literal["32", "16-mixed", "bf16-mixed"]] | None = Field(
+        None,
+        description="precisions of the distml ladder (default: bf16 and fp16 on CUDA, fp32 on CPU)",
+    )
+    pipelines: list[BenchPipeline] = Field(
+        default_factory=lambda: ["classic", "distml"],
+        min_length=1,
+        description="which pipelines to time",
+    )
+    compile: bool = Field(False, description="add a torch.compile line to the ladder")
+    dataset: str = Field("synthetic", description="synthetic, cifar10 or a .safetensors dataset")
+    data_dir: Path = Field(Path("data"), description="dataset download/cache folder")
+    images: int = Field(20_000, ge=20, description="synthetic training images")
+    workers: int | None = Field(
+        None, ge=0, description="classic DataLoader workers (default: min(8, cores))"
+    )
+    seed: int = Field(0, ge=0, description="seed of the model and the data order")
+    out: Path = Field(
+        Path("artifacts/bench"), description="folder for bench.json, bench.csv, bench.png"
+    )
+
+    @model_validator(mode="after")
+    def _unique_lists(self) -> BenchSettings:
+        for name, values in (("pipelines", self.pipelines), ("precisions", self.precisions or [])):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} must not repeat a value, got {','.join(values)}")
+        return self

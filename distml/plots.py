@@ -285,3 +285,20 @@ def plot_backend_training(rows: Sequence[dict[str, Any]], path: Path, title: str
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
     save_figure(fig, path)
+
+
+def plot_throughput(
+    labels: Sequence[str], images_per_second: Sequence[float], path: Path, title: str
+) -> None:
+    """Horizontal bars of training images/s, one per benchmark line, each with its value."""
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.2))
+    positions = range(len(labels))
+    ax.barh(positions, images_per_second, color="tab:blue")
+    ax.set_yticks(list(positions), labels, fontsize=8)
+    ax.invert_yaxis()  # the first line (the baseline) on top
+    for y, value in zip(positions, images_per_second, strict=True):
+        ax.text(value, y, f" {value:,.0f}", va="center", fontsize=8)
+    ax.set_xlabel("training images / s")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    save_figure(fig, path)

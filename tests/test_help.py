@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from distml import config
 from distml.cli import (
+    BENCH_OPTIONS,
     COMPARE_BACKENDS_OPTIONS,
     COMPARE_OPTIONS,
     EVAL_OPTIONS,
@@ -32,6 +33,7 @@ COMMANDS = {
     "study": (config.StudySettings, STUDY_OPTIONS),
     "compare-backends": (config.CompareBackendsSettings, COMPARE_BACKENDS_OPTIONS),
     "compare": (config.CompareSettings, COMPARE_OPTIONS),
+    "bench": (config.BenchSettings, BENCH_OPTIONS),
 }
 
 
