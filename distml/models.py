@@ -181,8 +181,26 @@ def make_pool(pool: Pool) -> nn.Module:
     return nn.AvgPool2d(2) if pool == "avg" else nn.MaxPool2d(2)
 
 
+class GlobalPool(nn.Module):
+    """Max or mean over the whole feature map, (N, C, H, W) -> (N, C, 1, 1). A plain
+    reduction rather than nn.AdaptiveMax/AvgPool2d: their CUDA backward is nondeterministic
+    (atomic adds), which would make ``--deterministic`` refuse every cnn on a GPU."""
+
+    def __init__(self, pool: Pool):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool == "avg":
+            return x.mean(dim=(2, 3), keepdim=True)
+        return x.amax(dim=(2, 3), keepdim=True)
+
+    def extra_repr(self) -> str:
+        return self.pool
+
+
 def make_global_pool(pool: Pool) -> nn.Module:
-    return nn.AdaptiveAvgPool2d(1) if pool == "avg" else nn.AdaptiveMaxPool2d(1)
+    return GlobalPool(pool)
 
 
 class ConvBlock(nn.Sequential):

@@ -135,3 +135,15 @@ def test_specs_written_before_pool_and_activation_read_as_max_and_relu():
     model = build_model(spec)
     assert isinstance(model.features.pool1, torch.nn.MaxPool2d)
     assert isinstance(model.features.conv1_1.act, torch.nn.ReLU)
+
+
+def test_global_pool_equals_the_adaptive_pools_it_replaces():
+    # GlobalPool exists because nn.AdaptiveMax/AvgPool2d have no deterministic CUDA backward;
+    # it must compute exactly what they compute, so older checkpoints behave the same
+    from distml.models import GlobalPool
+
+    x = torch.randn(4, 6, 5, 5)
+    assert torch.equal(GlobalPool("max")(x), torch.nn.AdaptiveMaxPool2d(1)(x))
+    torch.testing.assert_close(GlobalPool("avg")(x), torch.nn.AdaptiveAvgPool2d(1)(x))
+    grad = torch.autograd.grad(GlobalPool("max")(x).sum(), x)[0]
+    assert grad.sum().item() == 4 * 6  # one unit of gradient per map, at its maximum
