@@ -141,7 +141,7 @@ def test_global_pool_equals_the_adaptive_pools_it_replaces():
     # it must compute exactly what they compute, so older checkpoints behave the same
     from distml.models import GlobalPool
 
-    x = torch.randn(4, 6, 5, 5)
+    x = torch.randn(4, 6, 5, 5, requires_grad=True)
     assert torch.equal(GlobalPool("max")(x), torch.nn.AdaptiveMaxPool2d(1)(x))
     torch.testing.assert_close(GlobalPool("avg")(x), torch.nn.AdaptiveAvgPool2d(1)(x))
     grad = torch.autograd.grad(GlobalPool("max")(x).sum(), x)[0]
