@@ -30,12 +30,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from distml.checkpoint import atomic_write_json, atomic_write_text
 from distml.config import BenchSettings, DataSettings, TrainConfig
 from distml.data import Normalize, TrainBatches, channel_stats, load_dataset
 from distml.dist import device_name, resolve_device
 from distml.errors import DistmlError
-from distml.evaluate import check_out_dir
+from distml.files import atomic_write_json, atomic_write_text, check_out_dir
 from distml.metrics import autocast_context
 from distml.models import ModelSpec, build_model
 from distml.plots import plot_throughput

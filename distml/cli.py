@@ -28,6 +28,7 @@ from distml.config import (
     SelectSettings,
     SiSettings,
     StudySettings,
+    SweepSettings,
     TrainConfig,
     resolve_settings,
     validate_settings,
@@ -633,6 +634,53 @@ def compare_report(r: dict[str, Any]) -> str:
     lines = [text_table(side_by_side(r)), ""]
     lines += [f"- {sentence}" for sentence in r["interpretation"]]
     lines.append(f"\nreport: {r['files']['report.md']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- sweep
+
+SWEEP_OPTIONS: OptionTable = {"Options": {"--out": "out", "--dry-run": "dry_run"}}
+
+
+@app.command("sweep", cls=PanelCommand)
+@user_errors
+@setting_options(SweepSettings, SWEEP_OPTIONS)
+def sweep_command(
+    plan: Annotated[
+        Path, typer.Argument(metavar="PLAN", help="A plan file (TOML), e.g. plans/modes.toml.")
+    ],
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    *,
+    flags: dict[str, Any],
+) -> None:
+    """Run a plan of training runs (variants x grid x seeds) and compare them.
+
+    Every run is a normal run folder in --out; re-running the same command skips finished
+    runs and resumes interrupted ones; the sweep ends with report.md (distml compare).
+    --set applies to every run, after the plan (--set train.epochs=1 shrinks a whole plan)."""
+    from distml.sweep import run_sweep
+
+    values = {**flags, "plan": plan, "assignments": set_ or []}
+    settings = validate_settings(SweepSettings, values, flag_names(SWEEP_OPTIONS))
+    emit(run_sweep(settings, show_progress=not quiet), json_, sweep_report)
+
+
+def sweep_report(r: dict[str, Any]) -> str:
+    if r.get("dry_run"):
+        lines = [f"{len(r['runs'])} runs planned in {r['out']} (nothing trained):"]
+        for run in r["runs"]:
+            what = ", ".join(f"{k}={v}" for k, v in run["overrides"].items()) or "the plan as is"
+            skip = f"  [skipped: {run['skip_reason']}]" if run["skip_reason"] else ""
+            lines.append(f"  {run['name']:<28} {what}{skip}")
+        return "\n".join(lines)
+    lines = [f"sweep {r['plan']} in {r['out']}:"]
+    for outcome in r["outcomes"]:
+        note = f"  ({outcome['message']})" if outcome["message"] else ""
+        lines.append(f"  {outcome['name']:<28} {outcome['status']}{note}")
+    if "compare" in r:
+        lines += ["", compare_report(r["compare"])]
     return "\n".join(lines)
 
 

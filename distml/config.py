@@ -727,3 +727,19 @@ class BenchSettings(Section):
             if len(set(values)) != len(values):
                 raise ValueError(f"{name} must not repeat a value, got {','.join(values)}")
         return self
+
+
+class SweepSettings(Section):
+    """``distml sweep``: which plan, where its runs go, what to change in every run."""
+
+    plan: Path = Field(description="the plan file (TOML)")
+    out: Path | None = Field(
+        None, description="folder of the runs (default: artifacts/sweeps/PLAN)"
+    )
+    assignments: list[str] = Field(
+        default_factory=list, description="dotted.key=value for every run, after the plan"
+    )
+    dry_run: bool = Field(False, description="list and validate the runs, train nothing")
+
+    def out_dir(self) -> Path:
+        return self.out or Path("artifacts/sweeps") / self.plan.stem

@@ -37,6 +37,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from distml.config import (
     Section,
     SettingsError,
+    SweepSettings,
     TrainConfig,
     format_validation_error,
     known_keys,
@@ -321,20 +322,6 @@ def run_one(
     return outcome
 
 
-class SweepSettings(Section):
-    """``distml sweep``: which plan, where its runs go, what to change in every run."""
-
-    plan: Path = Field(description="the plan file (TOML)")
-    out: Path | None = Field(
-        None, description="folder of the runs (default: artifacts/sweeps/PLAN)"
-    )
-    assignments: list[str] = Field(default_factory=list, description="--set for every run")
-    dry_run: bool = Field(False, description="list and validate the runs, train nothing")
-
-    def out_dir(self) -> Path:
-        return self.out or Path("artifacts/sweeps") / self.plan.stem
-
-
 def run_table(runs: list[PlannedRun]) -> list[dict[str, Any]]:
     """The dry-run listing: every run's name, what defines it and its resolved settings."""
     return [
@@ -349,7 +336,7 @@ def run_table(runs: list[PlannedRun]) -> list[dict[str, Any]]:
 
 
 def write_record(out: Path, plan: Plan, plan_path: Path, outcomes: list[RunOutcome]) -> None:
-    from distml.checkpoint import atomic_write_json
+    from distml.files import atomic_write_json
 
     atomic_write_json(
         out / PLAN_FILE,
@@ -365,6 +352,7 @@ def run_sweep(settings: SweepSettings, *, show_progress: bool = True) -> dict[st
     """Plan, validate, then train every run in turn (or list them with ``dry_run``); end with
     a comparison of the finished runs in ``OUT/report.md``."""
     from distml.compare import compare_runs
+    from distml.config import CompareSettings
     from distml.launch import resume_training, start_training
     from distml.progress import Reporter
 
@@ -400,16 +388,17 @@ def run_sweep(settings: SweepSettings, *, show_progress: bool = True) -> dict[st
             f"with the same command: distml sweep {settings.plan} --out {out}",
         )
         raise
-    finished = [o for o in outcomes if o.summary]
     result["outcomes"] = [{k: v for k, v in vars(o).items() if k != "summary"} for o in outcomes]
+    finished = [Path(o.run_dir) for o in outcomes if o.summary]
+    left_out = {o.name: f"{o.status}: {o.message}" for o in outcomes if not o.summary}
     if finished:
-        result["compare"] = compare_runs(
-            [Path(o.run_dir) for o in finished],
-            out,
-            title=plan.description or plan_path_title(settings.plan),
+        comparison = CompareSettings(
+            runs=finished,
+            out=out,
+            allow_unfinished=True,
+            title=f"Sweep {settings.plan.stem}: {plan.description}".rstrip(": "),
+            not_compared=left_out,
         )
+        result["compare"] = compare_runs(comparison)
+        result["report"] = str(out / "report.md")
     return result
-
-
-def plan_path_title(path: Path) -> str:
-    return f"sweep {path.stem}"

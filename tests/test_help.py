@@ -20,6 +20,7 @@ from distml.cli import (
     SELECT_OPTIONS,
     SI_OPTIONS,
     STUDY_OPTIONS,
+    SWEEP_OPTIONS,
     TRAIN_OPTIONS,
     app,
 )
@@ -34,6 +35,7 @@ COMMANDS = {
     "compare-backends": (config.CompareBackendsSettings, COMPARE_BACKENDS_OPTIONS),
     "compare": (config.CompareSettings, COMPARE_OPTIONS),
     "bench": (config.BenchSettings, BENCH_OPTIONS),
+    "sweep": (config.SweepSettings, SWEEP_OPTIONS),
 }
 
 
