@@ -24,13 +24,17 @@ from distml.config import (
     CompareBackendsSettings,
     CompareSettings,
     EvalSettings,
+    LrFindSettings,
     PruneSettings,
     SelectSettings,
     SiSettings,
     StudySettings,
     SweepSettings,
     TrainConfig,
+    parse_assignment,
+    read_config_file,
     resolve_settings,
+    set_dotted,
     validate_settings,
 )
 from distml.errors import DistmlError
@@ -682,6 +686,67 @@ def sweep_report(r: dict[str, Any]) -> str:
     if "compare" in r:
         lines += ["", compare_report(r["compare"])]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- lr-find
+
+# the train flags that shape the test (not --lr: the test varies it; one process, so no
+# distributed flags; the output is the test's own)
+LR_FIND_OPTIONS: OptionTable = {
+    panel: {flag: f"training.{key}" for flag, key in flags.items() if flag != "--lr"}
+    for panel, flags in TRAIN_OPTIONS.items()
+    if panel not in ("Distributed", "Output")
+}
+LR_FIND_OPTIONS["Range test"] = {
+    "--start-lr": "start_lr",
+    "--end-lr": "end_lr",
+    "--steps": "steps",
+    "--beta": "beta",
+    "--stop-factor": "stop_factor",
+    "--skip-start": "skip_start",
+    "--out": "out",
+}
+
+
+@app.command("lr-find", cls=PanelCommand)
+@user_errors
+@setting_options(LrFindSettings, LR_FIND_OPTIONS)
+def lr_find_command(
+    config: Annotated[
+        Path | None,
+        Opt(metavar="PATH", help="Training settings file (as for train --config)."),
+    ] = None,
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    *,
+    flags: dict[str, Any],
+) -> None:
+    """Learning-rate range test: the lr to pass to distml train --lr.
+
+    The lr grows exponentially from --start-lr to --end-lr over --steps steps of a fresh
+    model; the smoothed loss is plotted against it and the steepest descent is suggested.
+    Writes lr_find.json and lr_find.png; no weights are written anywhere."""
+    from distml.lrfind import find_lr
+
+    tree: dict[str, Any] = {"training": read_config_file(config) if config else {}}
+    for key, value in flags.items():
+        set_dotted(tree, key, value)
+    for text in set_ or []:
+        key, value = parse_assignment(text, TrainConfig)
+        set_dotted(tree, f"training.{key}", value)
+    settings = validate_settings(LrFindSettings, tree, flag_names(LR_FIND_OPTIONS))
+    emit(find_lr(settings, show_progress=not quiet), json_, lr_find_report)
+
+
+def lr_find_report(r: dict[str, Any]) -> str:
+    steps = f"{r['steps_run']} of {r['steps_planned']} steps"
+    stopped = " (stopped early: the loss diverged)" if r["stopped_early"] else ""
+    if r["suggested_lr"] is None:
+        verdict = "no suggestion: the smoothed loss never fell; widen --start-lr/--end-lr"
+    else:
+        verdict = f"suggested --lr {r['suggested_lr']:.3g} (steepest descent of the loss)"
+    return f"{steps}{stopped}\n{verdict}\nplot: {r['plot']}\njson: {r['json']}"
 
 
 def main() -> None:

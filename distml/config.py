@@ -743,3 +743,35 @@ class SweepSettings(Section):
 
     def out_dir(self) -> Path:
         return self.out or Path("artifacts/sweeps") / self.plan.stem
+
+
+class LrFindSettings(Section):
+    """``distml lr-find``: the learning-rate range test on a fresh model of these settings."""
+
+    training: TrainConfig = Field(
+        default_factory=TrainConfig, description="the model, data and optimizer to test"
+    )
+    start_lr: float = Field(1e-7, gt=0, description="learning rate of the first step")
+    end_lr: float = Field(10.0, gt=0, le=1e4, description="learning rate of the last step")
+    steps: int = Field(100, ge=5, le=100_000, description="optimizer steps of the ramp")
+    beta: float = Field(0.98, ge=0, lt=1, description="smoothing of the loss (moving average)")
+    stop_factor: float = Field(
+        4.0, gt=1, description="stop once the smoothed loss exceeds this times its best"
+    )
+    skip_start: int = Field(
+        10, ge=0, description="first steps the suggestion ignores (the average settles)"
+    )
+    out: Path | None = Field(
+        None, description="folder of lr_find.json and lr_find.png (default: artifacts/lr-find)"
+    )
+
+    @model_validator(mode="after")
+    def _single_process(self) -> LrFindSettings:
+        if self.end_lr <= self.start_lr:
+            raise ValueError(f"end_lr {self.end_lr} must be above start_lr {self.start_lr}")
+        if self.training.dist.mode != "single":
+            raise ValueError("the range test runs in one process: use dist.mode single")
+        return self
+
+    def out_dir(self) -> Path:
+        return self.out or Path("artifacts/lr-find")

@@ -15,8 +15,14 @@ Nothing is written to any run folder or checkpoint: the model lives only in memo
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from distml.config import LrFindSettings
+from distml.progress import Reporter
 
 
 def lr_at(step: int, steps: int, start_lr: float, end_lr: float) -> float:
@@ -77,3 +83,86 @@ class RangeTest:
             "suggestion_index": self.suggestion_index,
             "rule": "steepest descent of the smoothed loss against log10(lr)",
         }
+
+
+# ----------------------------------------------------------------------------- the test run
+
+
+def range_test(settings: LrFindSettings, *, show_progress: bool = True) -> RangeTest:
+    """Train a fresh model (single process) with the ramped learning rate and record the
+    losses; the model and its optimizer live only in memory."""
+    from distml.launch import local_context, torch_settings
+    from distml.train import prepare
+
+    config = settings.training
+    ctx = local_context(config)
+    with torch_settings(config, ctx.device):
+        session = prepare(config, ctx, None)
+        session.net.train()
+        lrs: list[float] = []
+        losses: list[float] = []
+        smooth: list[float] = []
+        best, stopped = math.inf, False
+        with Reporter(show_progress).task("lr range test", settings.steps) as task:
+            for step, images, labels in batch_stream(session, settings.steps):
+                lr = lr_at(step, settings.steps, settings.start_lr, settings.end_lr)
+                for group in session.optimizer.param_groups:
+                    group["lr"] = lr
+                with session.autocast:
+                    loss = session.criterion(session.net(images), labels)
+                session.scaler.scale(loss).backward()
+                session.scaler.step(session.optimizer)
+                session.scaler.update()
+                session.optimizer.zero_grad(set_to_none=True)
+                lrs.append(lr)
+                losses.append(float(loss.detach()))  # a host sync per step: the rule needs it
+                smooth = smoothed(losses, settings.beta)
+                best = min(best, smooth[-1])
+                task.advance(1, status=f"lr {lr:.2e} loss {smooth[-1]:.3f}")
+                if should_stop(smooth[-1], best, settings.stop_factor):
+                    stopped = True
+                    break
+    index = steepest_index(lrs, smooth, settings.skip_start)
+    return RangeTest(lrs, losses, smooth, stopped, index)
+
+
+def batch_stream(session: Any, steps: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``steps`` training batches (the whole batch of each step; the test takes no
+    accumulation), running through as many epochs as it needs."""
+    step, epoch = 0, 1
+    while True:
+        for micro_batches in session.batches.epoch(epoch, 0):
+            images, labels = zip(*micro_batches, strict=True)
+            yield step, torch.cat(images), torch.cat(labels)
+            step += 1
+            if step == steps:
+                return
+        epoch += 1
+
+
+def find_lr(settings: LrFindSettings, *, show_progress: bool = True) -> dict[str, Any]:
+    """Run the range test; write lr_find.json and lr_find.png into the output folder."""
+    from distml.dist import device_name, resolve_device
+    from distml.files import atomic_write_json, check_out_dir
+    from distml.plots import plot_lr_find
+
+    out = settings.out_dir()
+    check_out_dir(out)
+    test = range_test(settings, show_progress=show_progress)
+    result: dict[str, Any] = {
+        "model": settings.training.model.arch,
+        "optimizer": settings.training.optim.optimizer,
+        "batch_size": settings.training.train.batch_size,
+        "device_name": device_name(resolve_device(settings.training.train.device)),
+        "start_lr": settings.start_lr,
+        "end_lr": settings.end_lr,
+        "steps_planned": settings.steps,
+        "steps_run": len(test.lrs),
+        **test.as_dict(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    plot_lr_find(test.lrs, test.losses, test.smooth, test.suggestion_index, out / "lr_find.png")
+    result["plot"] = str(out / "lr_find.png")
+    result["json"] = str(out / "lr_find.json")
+    atomic_write_json(out / "lr_find.json", result)
+    return result

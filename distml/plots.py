@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -301,4 +302,38 @@ def plot_throughput(
     ax.set_xlabel("training images / s")
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(title, fontsize=10)
+    save_figure(fig, path)
+
+
+def plot_lr_find(
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    smoothed: Sequence[float],
+    suggestion: int | None,
+    path: Path,
+) -> None:
+    """Loss against learning rate (log x): raw and smoothed, the suggestion marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(lrs, losses, color="tab:blue", alpha=0.3, lw=1, label="loss")
+    ax.plot(lrs, smoothed, color="tab:blue", lw=2, label="smoothed loss")
+    if suggestion is not None:
+        ax.plot(lrs[suggestion], smoothed[suggestion], "o", color="tab:red", ms=8)
+        ax.annotate(
+            f"suggested lr {lrs[suggestion]:.2e}\n(steepest descent)",
+            (lrs[suggestion], smoothed[suggestion]),
+            textcoords="offset points",
+            xytext=(10, 10),
+            color="tab:red",
+        )
+    finite = [v for v in smoothed if math.isfinite(v)]
+    if finite:  # the diverged tail would flatten the interesting part
+        low, high = min(finite), min(max(finite), 4 * min(finite) + 1e-9)
+        ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    ax.set_title("Learning-rate range test")
+    fig.tight_layout()
     save_figure(fig, path)

@@ -16,6 +16,7 @@ from distml.cli import (
     COMPARE_BACKENDS_OPTIONS,
     COMPARE_OPTIONS,
     EVAL_OPTIONS,
+    LR_FIND_OPTIONS,
     PRUNE_OPTIONS,
     SELECT_OPTIONS,
     SI_OPTIONS,
@@ -36,6 +37,7 @@ COMMANDS = {
     "compare": (config.CompareSettings, COMPARE_OPTIONS),
     "bench": (config.BenchSettings, BENCH_OPTIONS),
     "sweep": (config.SweepSettings, SWEEP_OPTIONS),
+    "lr-find": (config.LrFindSettings, LR_FIND_OPTIONS),
 }
 
 
