@@ -424,7 +424,7 @@ def fits_in_memory(work: Workload, line: Line, batch: int) -> bool:
 
 def run_bench(settings: BenchSettings, *, show_progress: bool = True) -> dict[str, Any]:
     """Time every line, write bench.json, bench.csv and bench.png; return the result."""
-    check_out_dir(settings.out)
+    check_out_dir(settings.out, overwrite=settings.overwrite)
     device = resolve_device(settings.device)
     check_compiler(settings, device)
     resolved = resolve(settings, device)

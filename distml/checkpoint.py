@@ -129,20 +129,41 @@ def load_checkpoint(path: Path) -> Checkpoint:
         return Checkpoint(
             spec=spec,
             state=tensors,
-            classes=list(json.loads(meta["classes"])),
-            normalization=json.loads(meta["normalization"]),
-            settings=json.loads(meta.get("settings", "{}")),
+            classes=metadata_json(meta, "classes", list),
+            normalization=metadata_json(meta, "normalization", dict),
+            settings=metadata_json(meta, "settings", dict, "{}"),
             epoch=int(meta.get("epoch", "0")),
-            metrics=json.loads(meta.get("metrics", "{}")),
-            extra=json.loads(meta.get("extra", "{}")),
+            metrics=metadata_json(meta, "metrics", dict, "{}"),
+            extra=metadata_json(meta, "extra", dict, "{}"),
             distml_version=meta.get("distml_version", "unknown"),
             path=Path(path),
         )
     except (KeyError, ValueError, ValidationError) as exc:
         raise DistmlError(
             f"checkpoint {path} has damaged distml metadata ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0]}). Write it again with `distml train`."
+            f"{error_lines(exc)}). Write it again with `distml train`."
         ) from None
+
+
+def metadata_json(meta: dict[str, str], key: str, kind: type, default: str | None = None) -> Any:
+    """One JSON field of the metadata, of the type it must have (a null where an object
+    belongs is damage, not an empty value)."""
+    if key not in meta and default is None:
+        raise KeyError(key)
+    value = json.loads(meta.get(key, default or "null"))
+    if not isinstance(value, kind):
+        raise ValueError(f"metadata {key!r} must be a JSON {kind.__name__}, not {value!r:.40}")
+    return value
+
+
+def error_lines(exc: Exception, most: int = 2) -> str:
+    """The lines of an exception's text that say what is wrong: torch's and pydantic's first
+    line is only a heading ("Error(s) in loading state_dict for ...", "1 validation error for
+    ..."), the offending key is on the next."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if (len(lines) > 1 and lines[0].rstrip().endswith(":")) or "validation error" in lines[0]:
+        lines = lines[1:]
+    return "; ".join(lines[:most]) or type(exc).__name__
 
 
 def model_from_checkpoint(ckpt: Checkpoint) -> Classifier:
@@ -151,9 +172,9 @@ def model_from_checkpoint(ckpt: Checkpoint) -> Classifier:
     try:
         model.load_state_dict(ckpt.state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
         raise DistmlError(
-            f"checkpoint {ckpt.path}: its tensors do not fit its own model spec ({first}). "
+            f"checkpoint {ckpt.path}: its tensors do not fit its own model spec "
+            f"({error_lines(exc)}). "
             "The file was changed by another tool or is damaged."
         ) from None
     return model

@@ -103,7 +103,12 @@ TRAIN_OPTIONS: OptionTable = {
         "--node-rank": "dist.node_rank",
         "--rdzv-endpoint": "dist.rdzv_endpoint",
     },
-    "Output": {"--out": "output.dir", "--name": "output.name", "--save": "output.save"},
+    "Output": {
+        "--out": "output.dir",
+        "--name": "output.name",
+        "--save": "output.save",
+        "--overwrite": "output.overwrite",
+    },
 }
 TRAIN_FLAG_NAMES = flag_names(TRAIN_OPTIONS)
 CHECKPOINT_DATA = {
@@ -112,10 +117,11 @@ CHECKPOINT_DATA = {
     "--device": "device",
     "--batch-size": "batch_size",
 }
-EVAL_OPTIONS: OptionTable = {"Options": {**CHECKPOINT_DATA, "--split": "split", "--out": "out"}}
+OUT_OPTIONS = {"--out": "out", "--overwrite": "overwrite"}
+EVAL_OPTIONS: OptionTable = {"Options": {**CHECKPOINT_DATA, "--split": "split", **OUT_OPTIONS}}
 SI_PANEL, HEAD_PANEL = "Separation Index", "New classifier head"
 SI_OPTIONS: OptionTable = {
-    "Options": {**CHECKPOINT_DATA, "--out": "out"},
+    "Options": {**CHECKPOINT_DATA, **OUT_OPTIONS},
     SI_PANEL: {"--fraction": "fraction", "--splits": "splits"},
 }
 HEAD_OPTIONS = {
@@ -126,7 +132,7 @@ HEAD_OPTIONS = {
     "--mode": "head.mode",
 }
 PRUNE_OPTIONS: OptionTable = {
-    "Options": {**CHECKPOINT_DATA, "--out": "out", "--save": "save"},
+    "Options": {**CHECKPOINT_DATA, **OUT_OPTIONS, "--save": "save"},
     SI_PANEL: {"--criterion": "criterion", "--tolerance": "tolerance", "--fraction": "fraction"},
     HEAD_PANEL: HEAD_OPTIONS,
 }
@@ -163,7 +169,9 @@ def fail(message: str, code: int = 2, label: str = "error") -> None:
 
 
 def user_errors(func: F) -> F:
-    """Turn DistmlError into a message and its exit code; Ctrl-C into exit 130."""
+    """Turn DistmlError into a message and its exit code; an operating-system error on a
+    file (the disk filled up, a folder became read-only during the run) into one too; Ctrl-C
+    into exit 130."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -171,6 +179,14 @@ def user_errors(func: F) -> F:
             return func(*args, **kwargs)
         except DistmlError as exc:
             fail(str(exc), exc.exit_code, exc.label)
+        except OSError as exc:
+            if exc.filename is None:  # not about a file the user can act on: a real failure
+                raise
+            fail(
+                f"cannot use {exc.filename}: {exc.strerror or exc}. Check that the path exists "
+                "and is writable (permissions, free space, a read-only file system), then run "
+                "the command again."
+            )
         except KeyboardInterrupt:
             typer.echo("distml: interrupted", err=True)
             raise typer.Exit(130) from None
@@ -557,7 +573,7 @@ COMPARE_BACKENDS_OPTIONS: OptionTable = {
         "--dtype": "dtype",
     },
     "Training comparison": {"--train-epochs": "train_epochs"},
-    "Options": {"--device": "device", "--out": "out"},
+    "Options": {"--device": "device", **OUT_OPTIONS},
 }
 
 
@@ -704,7 +720,7 @@ LR_FIND_OPTIONS["Range test"] = {
     "--beta": "beta",
     "--stop-factor": "stop_factor",
     "--skip-start": "skip_start",
-    "--out": "out",
+    **OUT_OPTIONS,
 }
 
 
@@ -770,7 +786,7 @@ BENCH_OPTIONS: OptionTable = {
         "--seed": "seed",
     },
     "Data": {"--dataset": "dataset", "--data-dir": "data_dir", "--images": "images"},
-    "Output": {"--out": "out"},
+    "Output": OUT_OPTIONS,
 }
 
 

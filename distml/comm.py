@@ -554,7 +554,7 @@ def compare_backends(
     """Measure, write backends.json/.csv and the plots into ``settings.out``, return the
     result (None on the ranks other than 0 under an outer torchrun). Bad input fails before
     any rank starts and before anything is written."""
-    check_out_dir(settings.out)
+    check_out_dir(settings.out, overwrite=settings.overwrite)
     device = resolve_device(settings.device)
     env = torchrun_env()
     ranks = env.world_size if env is not None else default_ranks(settings, device)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -240,13 +241,8 @@ def slice_channels(
 
 def check_outputs(out: Path, result_file: str, settings: PruneSettings) -> None:
     """Refuse, before any work, outputs that would overwrite a result or cannot be written."""
-    check_out_dir(out)
-    for name in (result_file, "head-training/config.json"):
-        if (out / name).exists():
-            raise DistmlError(
-                f"{out} already holds a result ({name}). Choose another --out or delete it."
-            )
-    check_save_target(settings.save)
+    check_out_dir(out, overwrite=settings.overwrite)
+    check_save_target(settings.save, overwrite=settings.overwrite)
 
 
 def compressed_checkpoint(
@@ -318,6 +314,7 @@ def train_new_head(
             data_dir=settings.data_dir,
             device=settings.device,
             out=out / "source-eval-test",
+            overwrite=settings.overwrite,
         ),
         show_progress=show_progress,
     )
@@ -325,6 +322,8 @@ def train_new_head(
     config = head_training_config(
         source, compressed, settings.head, settings.device, out / "head-training", data
     )
+    if settings.overwrite:  # --overwrite replaces this command's own earlier head run
+        shutil.rmtree(out / "head-training", ignore_errors=True)
     summary = start_training(config, show_progress=show_progress)
     return {
         "test_accuracy_before": before["accuracy"],

@@ -39,6 +39,7 @@ from distml.choices import (
 from distml.errors import SettingsError
 
 BUILTIN_DATASETS = ("cifar10", "synthetic")
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -161,7 +162,7 @@ class TrainSettings(Section):
         "32", description="32-bit, fp16 with a GradScaler, or bf16 autocast"
     )
     device: DeviceChoice = Field("auto", description="auto: CUDA when available")
-    seed: int = Field(0, ge=0, description="seed of weights, split and data order")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of weights, split and data order")
     deterministic: bool = Field(False, description="reproducible kernels (slower)")
     channels_last: bool = Field(True, description="NHWC memory layout on CUDA (faster convs)")
     compile: bool = Field(False, description="torch.compile the model")
@@ -188,20 +189,68 @@ class DistSettings(Section):
     rdzv_endpoint: str | None = Field(None, description="host:port of the rendezvous (multi-node)")
     timeout_seconds: int = Field(600, ge=10, description="collective timeout before a rank fails")
 
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _endpoint(cls, endpoint: str | None) -> str | None:
+        if endpoint is None:
+            return None
+        host, colon, port = endpoint.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(
+                f"rdzv_endpoint must be HOST:PORT with a port from 1 to 65535, e.g. "
+                f"10.0.0.1:29500, got {endpoint!r}"
+            )
+        return endpoint
+
     @model_validator(mode="after")
     def _nodes(self) -> DistSettings:
         if self.node_rank >= self.nnodes:
             raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError("several nodes need rdzv_endpoint (host:port of node 0)")
+        if self.mode != "ddp":
+            given = [name for name in DDP_ONLY if getattr(self, name) != DDP_ONLY[name]]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} only apply to mode ddp, but mode is {self.mode}: use "
+                    "--mode ddp, or drop them"
+                )
         return self
+
+
+# settings that only a DDP launch reads, with their unset values: given with another mode
+# they would be silently ignored, so they are refused
+DDP_ONLY: dict[str, Any] = {
+    "nproc": None,
+    "backend": None,
+    "sync_bn": False,
+    "max_restarts": 0,
+    "nnodes": 1,
+    "node_rank": 0,
+    "rdzv_endpoint": None,
+}
 
 
 class OutputSettings(Section):
     root: Path = Field(Path("artifacts/runs"), description="parent of automatically named runs")
     dir: Path | None = Field(None, description="the run directory (default: root/<name>)")
-    name: str | None = Field(None, description="run name (default: <arch>-<mode>-<time>)")
+    name: str | None = Field(
+        None, description="run folder name under root (default: <arch>-<mode>-<time>)"
+    )
     save: Path | None = Field(None, description="also write the best checkpoint here")
+    overwrite: bool = Field(
+        False, description="replace an existing --save file (otherwise it is refused)"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str | None) -> str | None:
+        if name is not None and (not PLAIN_NAME.fullmatch(name) or name in (".", "..")):
+            raise ValueError(
+                f"the run name must be a plain folder name (letters, digits, . _ + -, no "
+                f"slashes), got {name!r}; use --out for a folder elsewhere"
+            )
+        return name
 
 
 class TrainConfig(Section):
@@ -235,6 +284,9 @@ class EvalSettings(Section):
     )
     out: Path | None = Field(
         None, description="folder for eval.json and confusion.png (default: beside the checkpoint)"
+    )
+    overwrite: bool = Field(
+        False, description="replace the results in an existing --out folder (else refused)"
     )
 
 
@@ -467,6 +519,9 @@ class LayerTapSettings(Section):
         None, ge=1, description="images per forward pass (default: the checkpoint's eval batch)"
     )
     out: Path | None = Field(None, description="output folder (default: beside the checkpoint)")
+    overwrite: bool = Field(
+        False, description="replace the results in an existing --out folder (else refused)"
+    )
 
 
 class SiSettings(LayerTapSettings):
@@ -630,6 +685,9 @@ class CompareBackendsSettings(Section):
     )
     device: DeviceChoice = Field("auto", description="where the ranks' tensors live")
     out: Path = Field(Path("artifacts/compare-backends"), description="folder of the results")
+    overwrite: bool = Field(
+        False, description="replace the results in an existing --out folder (else refused)"
+    )
     timeout_seconds: int = Field(600, ge=10, description="collective timeout before a rank fails")
     training: TrainConfig = Field(
         default_factory=TrainConfig, description="settings of the --train-epochs runs"
@@ -720,6 +778,9 @@ class BenchSettings(Section):
     out: Path = Field(
         Path("artifacts/bench"), description="folder for bench.json, bench.csv, bench.png"
     )
+    overwrite: bool = Field(
+        False, description="replace the results in an existing --out folder (else refused)"
+    )
 
     @model_validator(mode="after")
     def _unique_lists(self) -> BenchSettings:
@@ -763,6 +824,9 @@ class LrFindSettings(Section):
     )
     out: Path | None = Field(
         None, description="folder of lr_find.json and lr_find.png (default: artifacts/lr-find)"
+    )
+    overwrite: bool = Field(
+        False, description="replace the results in an existing --out folder (else refused)"
     )
 
     @model_validator(mode="after")

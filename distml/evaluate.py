@@ -83,7 +83,7 @@ def run_label(checkpoint: Path) -> str:
 def evaluate_checkpoint(settings: EvalSettings, *, show_progress: bool = True) -> dict[str, Any]:
     """Evaluate, write ``eval.json`` and ``confusion.png``; return the result."""
     out = settings.out or default_out(settings.checkpoint, f"eval-{settings.split}")
-    check_out_dir(out)
+    check_out_dir(out, overwrite=settings.overwrite)
     ckpt = load_checkpoint(settings.checkpoint)
     device = resolve_device(settings.device)
     data, splits = checkpoint_data(ckpt, settings.dataset, settings.data_dir)

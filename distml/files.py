@@ -64,16 +64,50 @@ def default_out(checkpoint: Path, suffix: str) -> Path:
     return checkpoint.parent / f"{checkpoint.stem}-{suffix}"
 
 
-def check_out_dir(out: Path, flag: str = "--out") -> None:
-    """Refuse a results folder that is a file."""
+def check_writable(folder: Path, what: str) -> None:
+    """Refuse, before any work, a folder that cannot be created or written: a file in its
+    path, no permission, a read-only file system."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the nearest ancestor that exists will hold the new folders
+    if not existing.is_dir():
+        raise DistmlError(
+            f"{what} {folder} cannot be created: {existing} is a file, not a folder. Choose "
+            "another path."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DistmlError(
+            f"{what} {folder} cannot be written: {existing} is not writable (no permission, or "
+            "a read-only file system). Choose a folder you can write to."
+        )
+
+
+def check_out_dir(out: Path, flag: str = "--out", *, overwrite: bool = False) -> None:
+    """The one rule for a results folder: new, empty, or (with --overwrite) one whose files
+    this command may replace; always writable. Checked before any work."""
     if out.exists() and not out.is_dir():
         raise DistmlError(f"{flag} {out} is a file; give a folder for the results.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DistmlError(
+            f"{flag} {out} already holds results. Add --overwrite to replace them, or choose "
+            f"another {flag}."
+        )
+    check_writable(out, flag)
 
 
-def check_save_target(save: Path | None) -> None:
-    """Refuse, before any work, a ``--save`` target that cannot take a checkpoint file."""
-    if save is not None and save.is_dir():
+def check_save_target(save: Path | None, *, overwrite: bool = False) -> None:
+    """Refuse, before any work, a ``--save`` target that cannot take a checkpoint file or
+    already holds a file that is not to be replaced."""
+    if save is None:
+        return
+    if save.is_dir():
         raise DistmlError(f"--save {save} is a directory; give a file path ending in .safetensors.")
+    if save.exists() and not overwrite:
+        raise DistmlError(
+            f"--save {save} already exists. Add --overwrite to replace it, or choose another "
+            "path (a file distml did not write is never replaced without --overwrite)."
+        )
+    check_writable(save.parent, "the folder of --save")
 
 
 def copy_file(source: Path, target: Path) -> None:

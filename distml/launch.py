@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -29,7 +30,7 @@ from pydantic import ValidationError
 
 from distml.checkpoint import STATE_FILE, load_checkpoint, model_from_checkpoint
 from distml.config import DistSettings, TrainConfig, format_validation_error
-from distml.data import ImageDataset, load_dataset
+from distml.data import ImageDataset, load_dataset, make_splits
 from distml.dist import (
     RunContext,
     check_ddp_settings,
@@ -47,9 +48,9 @@ from distml.errors import (
     user_exit_codes,
 )
 from distml.evaluate import check_input_shape
-from distml.files import atomic_write_json, check_save_target
+from distml.files import atomic_write_json, check_save_target, check_writable
 from distml.progress import Reporter
-from distml.train import fit
+from distml.train import fit, initial_model
 
 ELASTIC_LOGGER = "torch.distributed.elastic"
 
@@ -70,32 +71,69 @@ def resume_training(run_dir: Path, *, show_progress: bool = True) -> dict[str, A
         Reporter(show_progress).line(f"{run_dir} already finished; nothing to resume.")
         return {**json.loads(summary.read_text()), "already_finished": True}
     if not (run_dir / STATE_FILE).exists():
-        raise DistmlError(
-            f"{run_dir} has no saved training state ({STATE_FILE}): it stopped before its first "
-            "epoch ended. Start it again: distml train --config "
-            f"{run_dir / 'config.json'} --out NEW_DIR"
-        )
+        raise DistmlError(missing_state_message(run_dir))
     return start_run(config, run_dir, show_progress=show_progress)
 
 
+def missing_state_message(run_dir: Path) -> str:
+    """Why a run without its training state cannot resume, from what the folder shows."""
+    metrics = run_dir / "metrics.csv"
+    epochs = max(0, len(metrics.read_text().splitlines()) - 1) if metrics.is_file() else 0
+    if epochs == 0:
+        return (
+            f"{run_dir} has no saved training state ({STATE_FILE}): it stopped before its first "
+            "epoch ended, so there is nothing to resume. Start it again with the same command "
+            "(a folder left by a start that failed is reused)."
+        )
+    return (
+        f"{run_dir} finished {epochs} epoch(s) (metrics.csv) but its training state {STATE_FILE} "
+        "is missing (deleted or moved?), so it cannot resume exactly. Put the file back, or "
+        "continue from its weights in a new run: distml train --init "
+        f"{run_dir / 'last.safetensors'} --out NEW_DIR"
+    )
+
+
 def start_run(config: TrainConfig, run_dir: Path | None, *, show_progress: bool) -> dict:
-    """Start (``run_dir`` None) or resume a run in the process layout of its mode."""
+    """Start (``run_dir`` None) or resume a run in the process layout of its mode. A new run
+    that fails before its first durable result leaves no folder behind."""
     device = resolve_device(config.train.device)
     resume = run_dir is not None
     if config.dist.mode == "ddp" and torchrun_env() is None:
         nproc = planned_ranks(config, device)
         check_ddp_settings(config, device, nproc * config.dist.nnodes)
-        if run_dir is None:
-            check_inputs(config)  # fail here, once, rather than in every rank
-            run_dir = create_run_dir(config) if config.dist.node_rank == 0 else Path(".")
-        return launch_training(config, run_dir, nproc, show_progress, resume)
-    dataset = None
-    if config.dist.mode != "ddp" and run_dir is None:
-        dataset = check_inputs(config)  # one process: the checked dataset is the one it trains on
+        if run_dir is not None:
+            return launch_training(config, run_dir, nproc, show_progress, resume)
+        check_inputs(config, world_size=nproc * config.dist.nnodes)  # once, not in every rank
+        if config.dist.node_rank != 0:
+            return launch_training(config, Path("."), nproc, show_progress, resume)
         run_dir = create_run_dir(config)
-    return (
-        run_rank(config, run_dir, show_progress=show_progress, resume=resume, dataset=dataset) or {}
-    )
+        with removed_if_not_durable(run_dir):
+            return launch_training(config, run_dir, nproc, show_progress, resume)
+    if run_dir is not None:
+        return run_rank(config, run_dir, show_progress=show_progress, resume=True) or {}
+    dataset = None
+    if config.dist.mode != "ddp":
+        dataset = check_inputs(config)  # one process: the checked dataset is the one it trains on
+    run_dir = create_run_dir(config)
+    with removed_if_not_durable(run_dir):
+        return run_rank(config, run_dir, show_progress=show_progress, dataset=dataset) or {}
+
+
+def durable(run_dir: Path) -> bool:
+    """A run holds a result worth keeping once an epoch finished or a state was saved."""
+    return any((run_dir / name).exists() for name in (STATE_FILE, "metrics.csv"))
+
+
+@contextmanager
+def removed_if_not_durable(run_dir: Path) -> Iterator[None]:
+    """Remove the run folder this start created if the run fails before its first durable
+    result: a lone config.json is not a run, and must not block a retry."""
+    try:
+        yield
+    except BaseException:
+        if run_dir.is_dir() and not durable(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def read_run_config(run_dir: Path) -> TrainConfig:
@@ -141,24 +179,59 @@ def run_directory(config: TrainConfig, elastic_run_id: str | None = None) -> Pat
     return path
 
 
-def check_inputs(config: TrainConfig, run_dir: Path | None = None) -> ImageDataset:
-    """Problems that need no GPU work to find: output paths, the dataset, the init file.
+def check_inputs(
+    config: TrainConfig, run_dir: Path | None = None, world_size: int = 1
+) -> ImageDataset:
+    """Everything that needs no training to find, before the run folder exists: output paths
+    (writable, not another run's), the dataset, the init file, and the model and batch plan.
     Returns the (checked) dataset. ``run_dir``: the folder the run will use, when known."""
     path = run_dir or run_directory(config)
     if path.exists() and not path.is_dir():
         raise DistmlError(f"the run directory {path} is a file. Choose another --out.")
-    if (path / "config.json").exists():
+    if (path / "config.json").exists() and durable(path):
         raise DistmlError(
-            f"{path} already holds a run (it has a config.json). Choose another --out or "
-            "--set output.name=..., or delete that directory first."
+            f"{path} already holds a run. Continue it with distml train --resume {path}, or "
+            "choose another --out or --name, or delete that folder first."
         )
-    check_save_target(config.output.save)
+    check_save_target(config.output.save, overwrite=config.output.overwrite)
+    check_writable(path, "the run directory")
     dataset = load_dataset(config.data)
     if config.model.init is not None:
         ckpt = load_checkpoint(config.model.init)
         check_input_shape(ckpt, dataset)
         model_from_checkpoint(ckpt)  # its tensors must fit its spec
+    else:
+        check_model_plan(config, dataset)
+    check_batch_plan(config, dataset, world_size)
     return dataset
+
+
+def check_model_plan(config: TrainConfig, dataset: ImageDataset) -> None:
+    """Build the model on the meta device (no memory, no time) and pass one image through:
+    a network too deep for the image size fails here, not after the run folder exists."""
+    size = dataset.image_size
+    with torch.device("meta"):
+        try:  # the spec itself may already refuse the size; else the forward pass does
+            model, _, _ = initial_model(config, dataset)
+            model(torch.empty(1, dataset.channels, size, size))
+        except (RuntimeError, ValueError) as exc:
+            raise DistmlError(
+                f"the model {config.model.arch} cannot take the dataset's {size}x{size} images: "
+                f"{str(exc).splitlines()[0]}. Every 2x2 pooling halves the image; use a "
+                "shallower model (--depth), or images of at least 32x32 for vgg16."
+            ) from None
+
+
+def check_batch_plan(config: TrainConfig, dataset: ImageDataset, world_size: int) -> None:
+    """The effective batch must fit the training split at least once per epoch."""
+    val = config.data.val_fraction
+    train_images = len(make_splits(dataset, val, config.train.seed).train_labels)
+    if config.train.batch_size > train_images:
+        raise DistmlError(
+            f"--batch-size {config.train.batch_size} is larger than the {train_images} training "
+            f"images ({dataset.train_labels.numel()} minus the {val:.0%} validation split), so "
+            f"an epoch would have no step. Use --batch-size {train_images} or less."
+        )
 
 
 def create_run_dir(config: TrainConfig, run_dir: Path | None = None) -> Path:

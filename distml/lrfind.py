@@ -147,7 +147,7 @@ def find_lr(settings: LrFindSettings, *, show_progress: bool = True) -> dict[str
     from distml.plots import plot_lr_find
 
     out = settings.out_dir()
-    check_out_dir(out)
+    check_out_dir(out, overwrite=settings.overwrite)
     test = range_test(settings, show_progress=show_progress)
     result: dict[str, Any] = {
         "model": settings.training.model.arch,

@@ -149,7 +149,8 @@ def check_study(settings: StudySettings) -> None:
     """Check the whole plan, every step's settings included, before the first file is
     written: a problem found after hours of training is found now."""
     out = settings.out
-    check_out_dir(out)
+    # a study continues in its own folder: resume_point decides what is kept or redone
+    check_out_dir(out, overwrite=True)
     model = settings.training.model
     if model.init is not None:
         raise DistmlError(

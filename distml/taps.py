@@ -235,7 +235,7 @@ def measure_layers(settings: SiSettings, *, show_progress: bool = True) -> dict[
     ``si.json`` and ``si.png`` (both indices per layer, every split) and returns the report."""
     started = time.perf_counter()
     out = settings.out or default_out(settings.checkpoint, "si")
-    check_out_dir(out)
+    check_out_dir(out, overwrite=settings.overwrite)
     reporter = Reporter(show_progress)
     ckpt = load_checkpoint(settings.checkpoint)
     source = open_taps(ckpt, settings, settings.splits, reporter)
