@@ -26,6 +26,7 @@ from distml.checkpoint import (
     Checkpoint,
     TrainingState,
     bare_model,
+    error_lines,
     load_checkpoint,
     local_rng_states,
     model_from_checkpoint,
@@ -509,7 +510,18 @@ def fit(
             f"{run_dir} was saved by {state.world_size} rank(s); resume it with the same number "
             f"(--nproc {state.world_size}), not {ctx.world_size}."
         )
-    session = prepare(config, ctx, state, dataset)
+    try:
+        session = prepare(config, ctx, state, dataset)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        if state is None:
+            raise
+        # the state was saved by another network or optimizer than config.json now describes
+        raise DistmlError(
+            f"{run_dir / STATE_FILE} does not fit the run's settings ({error_lines(exc)}): "
+            f"was {run_dir / 'config.json'} edited after the run started? Restore its original "
+            "settings to resume, or start a new run from the weights with --init "
+            f"{run_dir / 'last.safetensors'}."
+        ) from None
     loop = LoopState()
     best_state: dict[str, torch.Tensor] | None = None
     if state is not None:
