@@ -27,9 +27,22 @@ MUTMUT_VERSION = ">=3.8,<4"
 # against the module's mutants, which keeps a module to minutes on two cores.
 MUTATION_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "data": (("*",), ("tests/test_data.py", "tests/test_splits.py")),
-    "config": (("*",), ("tests/test_config.py", "tests/test_precedence.py")),
-    "metrics": (("*",), ("tests/test_train.py::test_overfitting_verdict", "tests/test_verdict.py")),
-    "checkpoint": (("*",), ("tests/test_checkpoint.py", "tests/test_checkpoint_meta.py")),
+    "config": (
+        ("*",),
+        ("tests/test_config.py", "tests/test_precedence.py", "tests/test_settings_messages.py"),
+    ),
+    "metrics": (
+        ("*",),
+        ("tests/test_verdict.py", "tests/test_metrics_file.py"),
+    ),
+    "checkpoint": (
+        ("*",),
+        (
+            "tests/test_checkpoint.py",
+            "tests/test_checkpoint_meta.py",
+            "tests/test_training_state.py",
+        ),
+    ),
     "si": (("*",), ("tests/test_si.py",)),
     "compress": (("*",), ("tests/test_compress.py",)),
     # the loop: the schedule and one training step, against the fast loop tests
