@@ -6,7 +6,13 @@ from pathlib import Path
 import torch
 
 from distml import __version__
-from distml.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
+from distml.checkpoint import (
+    Checkpoint,
+    bare_model,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from distml.models import ModelSpec, build_model
 
 
@@ -50,3 +56,16 @@ def test_defaults_of_a_minimal_checkpoint(tmp_path: Path):
     read = load_checkpoint(tmp_path / "m.safetensors")
     assert (read.settings, read.epoch, read.metrics, read.extra) == ({}, 0, {}, {})
     assert read.seed == 0
+
+
+def test_wrapped_models_save_the_bare_weights(tmp_path: Path):
+    """A dp or compiled run's checkpoint loads into a plain model: no wrapper prefixes."""
+    spec = ModelSpec(arch="cnn", num_classes=2, width=0.125, depth=1)
+    model = build_model(spec)
+    meta = Checkpoint(spec=spec, state={}, classes=["a", "b"], normalization={})
+    wrapped = torch.compile(torch.nn.DataParallel(model))
+    assert bare_model(wrapped) is model
+    save_checkpoint(tmp_path / "m.safetensors", wrapped, meta)
+    read = load_checkpoint(tmp_path / "m.safetensors")
+    assert read.state.keys() == model.state_dict().keys()
+    model_from_checkpoint(read)  # loads strictly
