@@ -95,3 +95,11 @@ def test_a_parse_error_names_the_file_and_the_parsers_first_line(tmp_path: Path)
     assert "\n" not in message and len(message) > len(
         f"config file {broken_yaml} cannot be parsed: "
     )
+
+
+def test_a_config_file_of_another_type_names_the_types_read(tmp_path: Path):
+    path = tmp_path / "settings.ini"
+    path.write_text("[train]\nseed = 3\n")
+    assert settings_error(config_file=path) == (
+        f"config file {path} has an unknown type '.ini': use .toml, .yaml/.yml or .json."
+    )
