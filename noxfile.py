@@ -169,6 +169,10 @@ def _mutmut_workdir(session: nox.Session, module: str, tests: tuple[str, ...]) -
         f"only_mutate = distml/{module}.py\n"
         f"pytest_add_cli_args_test_selection =\n{test_lines}"
         "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n"
+        # workers fork from a server that has imported the tests but run nothing: a fork of a
+        # process whose torch thread pools have run (mutmut's own, after its stats run) can
+        # hang forever in the child's first parallel op
+        "process_isolation = forkserver\n"
     )
     return workdir
 
