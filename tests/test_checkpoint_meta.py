@@ -8,6 +8,7 @@ import torch
 from distml import __version__
 from distml.checkpoint import (
     Checkpoint,
+    atomic_write_json,
     bare_model,
     load_checkpoint,
     model_from_checkpoint,
@@ -69,3 +70,12 @@ def test_wrapped_models_save_the_bare_weights(tmp_path: Path):
     read = load_checkpoint(tmp_path / "m.safetensors")
     assert read.state.keys() == model.state_dict().keys()
     model_from_checkpoint(read)  # loads strictly
+
+
+def test_json_reports_are_indented_and_end_with_a_newline(tmp_path: Path):
+    """summary.json and the other reports: readable, and paths written as text."""
+    path = tmp_path / "new" / "summary.json"
+    atomic_write_json(path, {"run_dir": Path("runs/a"), "accuracy": [0.5]})
+    assert path.read_text(encoding="utf-8") == (
+        '{\n  "run_dir": "runs/a",\n  "accuracy": [\n    0.5\n  ]\n}\n'
+    )
