@@ -1,7 +1,9 @@
-"""Developer sessions: `nox -s tests` (the default), `nox -s lint`, `nox -s docker`."""
+"""Developer sessions: `nox -s tests` (the default), `nox -s lint`, `nox -s docker`,
+`nox -s mutate` (mutation testing, see docs/testing.md)."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shlex
@@ -18,6 +20,41 @@ nox.options.default_venv_backend = "venv"
 HADOLINT_VERSION = "2.15.1"
 DOCKER_IMAGE = "distml:nox"
 SMOKE_FILES = ("config.json", "metrics.csv", "summary.json", "best.safetensors")
+
+MUTMUT_VERSION = ">=3.8,<4"
+# Mutation testing: each core module, the functions of it that are mutated (globs over
+# mutmut's mutant names; "*" = all) and the test files that guard it. Only these tests run
+# against the module's mutants, which keeps a module to minutes on two cores.
+MUTATION_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "data": (("*",), ("tests/test_data.py", "tests/test_splits.py")),
+    "config": (
+        ("*",),
+        ("tests/test_config.py", "tests/test_precedence.py", "tests/test_settings_messages.py"),
+    ),
+    "metrics": (
+        ("*",),
+        ("tests/test_verdict.py", "tests/test_metrics_file.py"),
+    ),
+    "checkpoint": (
+        ("*",),
+        (
+            "tests/test_checkpoint.py",
+            "tests/test_checkpoint_meta.py",
+            "tests/test_training_state.py",
+        ),
+    ),
+    "si": (("*",), ("tests/test_si.py",)),
+    "compress": (("*",), ("tests/test_compress.py",)),
+    # the loop: the schedule and one training step, against the fast loop tests
+    "train": (
+        ("x_lr_factor__*", "x_train_epoch__*"),
+        (
+            "tests/test_train.py::test_schedules",
+            "tests/test_schedule.py",
+            "tests/test_best_model.py",
+        ),
+    ),
+}
 
 
 @nox.session
@@ -125,3 +162,90 @@ def gpu(session: nox.Session) -> None:
             "nothing to check. Run it on a machine with a GPU."
         )
     session.run("python3", "scripts/gpu_check.py", *session.posargs, external=True)
+
+
+def _mutmut_workdir(session: nox.Session, module: str, tests: tuple[str, ...]) -> Path:
+    """A scratch copy of the package and tests with a [mutmut] setup.cfg for one module.
+
+    mutmut reads its settings from the working directory and writes mutants/ there; a
+    folder per module keeps the repository clean and lets mutmut reuse earlier results.
+    """
+    missing = [name for name in tests if not Path(name.split("::")[0]).exists()]
+    if missing:
+        session.warn(f"{module}: test files {missing} do not exist; running without them")
+    workdir = Path(session.create_tmp()) / f"mutate-{module}"
+    workdir.mkdir(exist_ok=True)
+    for folder in ("distml", "tests"):
+        shutil.copytree(folder, workdir / folder, dirs_exist_ok=True)
+    shutil.copy("pyproject.toml", workdir / "pyproject.toml")
+    test_lines = "".join(f"    {name}\n" for name in tests if name not in missing)
+    (workdir / "setup.cfg").write_text(
+        "[mutmut]\n"
+        "source_paths = distml\n"
+        f"only_mutate = distml/{module}.py\n"
+        f"pytest_add_cli_args_test_selection =\n{test_lines}"
+        "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n"
+        # workers fork from a server that has imported the tests but run nothing: a fork of a
+        # process whose torch thread pools have run (mutmut's own, after its stats run) can
+        # hang forever in the child's first parallel op
+        "process_isolation = forkserver\n"
+    )
+    return workdir
+
+
+KILLED = ("killed", "timeout", "segfault")
+NOT_KILLED = ("survived", "no tests", "suspicious")
+
+
+def _mutation_score(
+    session: nox.Session, module: str, workdir: Path, patterns: tuple[str, ...]
+) -> tuple[int, int]:
+    """Print the module's score and the mutants it leaves alive; return (killed, total).
+
+    A mutant no selected test reaches ("no tests") counts as not killed: the score says how
+    many of the module's bugs its tests catch.
+    """
+    listing = session.run("mutmut", "results", "--all", "true", silent=True, external=True)
+    status_by_name: dict[str, str] = {}
+    for line in str(listing).splitlines():
+        name, _, status = line.strip().partition(": ")
+        wanted = (fnmatch.fnmatch(name, f"distml.{module}.{p}") for p in patterns)
+        if status in KILLED + NOT_KILLED and any(wanted):
+            status_by_name[name] = status
+    killed = sum(status in KILLED for status in status_by_name.values())
+    total = len(status_by_name)
+    session.log(
+        f"{module}: {killed}/{total} mutants killed ({100 * killed / max(total, 1):.1f}%); "
+        f"show one with `mutmut show NAME` in {workdir}"
+    )
+    for name, status in sorted(status_by_name.items()):
+        if status in NOT_KILLED:
+            session.log(f"  {status}: {name}")
+    return killed, total
+
+
+@nox.session(venv_params=["--system-site-packages"])
+def mutate(session: nox.Session) -> None:
+    """Mutation testing of the core modules with mutmut (not part of `nox -s tests`).
+
+    `nox -s mutate` runs every module in MUTATION_TARGETS, one after the other;
+    `nox -s mutate -- data config` runs those only. The venv sees the system's packages so
+    torch is not installed again.
+    """
+    session.install(f"mutmut{MUTMUT_VERSION}")
+    session.install("-e", ".[test]")
+    modules = session.posargs or list(MUTATION_TARGETS)
+    unknown = [m for m in modules if m not in MUTATION_TARGETS]
+    if unknown:
+        session.error(f"no mutation target {unknown}; choose from {', '.join(MUTATION_TARGETS)}")
+    totals = {}
+    for module in modules:
+        patterns, tests = MUTATION_TARGETS[module]
+        workdir = _mutmut_workdir(session, module, tests)
+        names = [f"distml.{module}.{p}" for p in patterns]
+        with session.chdir(workdir):
+            # a run with survivors exits 0; mutmut fails only when it cannot run at all
+            session.run("mutmut", "run", *names, external=True)
+            totals[module] = _mutation_score(session, module, workdir, patterns)
+    for module, (killed, total) in totals.items():
+        session.log(f"{module:>10}: {killed}/{total} killed ({100 * killed / max(total, 1):.1f}%)")

@@ -304,14 +304,17 @@ def test_labels_need_not_be_contiguous_ids():
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_values_lie_in_unit_interval(seed):
+def test_values_are_fractions_of_the_samples(seed):
+    """Hard SI and Center SI count samples (k / 40); soft order 3 counts neighbours
+    (k / 120; continuous random features have no ties)."""
     features, labels = random_data(40, (3,), classes=2 + seed, seed=seed)
-    for value in (
-        separation_index(features, labels),
-        separation_index(features, labels, order=3, soft=True),
-        center_separation_index(features, labels),
+    for value, parts in (
+        (separation_index(features, labels), 40),
+        (separation_index(features, labels, order=3, soft=True), 120),
+        (center_separation_index(features, labels), 40),
     ):
-        assert 0.0 <= value <= 1.0
+        assert value * parts == pytest.approx(round(value * parts), abs=1e-9)
+        assert 0 <= round(value * parts) <= parts
 
 
 def test_single_class_is_fully_separated():

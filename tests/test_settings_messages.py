@@ -1,0 +1,105 @@
+"""What a user reads when a setting is wrong: every bad field on its own line, named by its
+dotted key (and its flag), with what is wrong and what was given."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distml.config import TrainConfig, resolve_settings
+from distml.errors import SettingsError
+
+
+def settings_error(**sources) -> str:
+    with pytest.raises(SettingsError) as caught:
+        resolve_settings(TrainConfig, **sources)
+    return str(caught.value)
+
+
+def test_each_bad_value_is_named_with_its_flag_and_what_was_given():
+    message = settings_error(
+        flags={"optim.lr": -1, "train.epochs": 0}, flag_names={"optim.lr": "--lr"}
+    )
+    assert message == (
+        "invalid settings:\n"
+        "  - optim.lr (--lr): Input should be greater than 0 (got -1)\n"
+        "  - train.epochs: Input should be greater than or equal to 1 (got 0)"
+    )
+
+
+def test_unknown_keys_suggest_a_close_one_only():
+    message = settings_error(assignments=["optim.lrr=1", "zzz.qqq=2"])
+    assert message == (
+        "invalid settings:\n"
+        "  - optim.lrr: unknown setting; did you mean optim.lr?\n"
+        "  - zzz: unknown setting"
+    )
+
+
+def test_rules_between_fields_read_as_sentences():
+    assert settings_error(assignments=["model.freeze_features=true"]) == (
+        "invalid settings:\n"
+        "  - model: freeze_features needs init: a checkpoint to take the features from"
+    )
+    assert settings_error(assignments=["train.early_stop=2", "data.val_fraction=0"]) == (
+        "invalid settings:\n"
+        "  - settings: early_stop needs a validation set: set val_fraction above 0"
+    )
+
+
+@pytest.mark.parametrize(
+    ("assignments", "message"),
+    [
+        (
+            ["optim.lr=1", "optim.lr.x=2"],
+            "cannot set optim.lr.x: optim.lr is a value, not a table.",
+        ),
+        (
+            ["train.seed=1", "train.seed.a.b=2"],
+            "cannot set train.seed.a.b: train.seed is a value, not a table.",
+        ),
+        (["noequals"], "--set expects dotted.key=value, got 'noequals'."),
+        (["=3"], "--set expects dotted.key=value, got '=3'."),
+    ],
+)
+def test_set_assignments_that_cannot_apply(assignments: list[str], message: str):
+    assert settings_error(assignments=assignments) == message
+
+
+def test_set_value_may_hold_an_equals_sign():
+    config = resolve_settings(TrainConfig, assignments=["output.name = a=b "])
+    assert config.output.name == "a=b"
+
+
+def test_yml_files_and_bytes_that_are_not_utf8(tmp_path: Path):
+    yml = tmp_path / "settings.YML"
+    yml.write_text("train:\n  seed: 4\noutput:\n  name: café\n", encoding="utf-8")
+    config = resolve_settings(TrainConfig, yml)
+    assert config.train.seed == 4 and config.output.name == "café"
+    latin1 = tmp_path / "settings.toml"
+    latin1.write_bytes(b"# caf\xe9 (latin-1)\n[train]\nseed = 3\n")
+    assert resolve_settings(TrainConfig, latin1).train.seed == 3
+
+
+def test_a_parse_error_names_the_file_and_the_parsers_first_line(tmp_path: Path):
+    path = tmp_path / "bad.json"
+    path.write_text('{"train": }')
+    with pytest.raises(json.JSONDecodeError) as parser:
+        json.loads('{"train": }')
+    message = settings_error(config_file=path)
+    assert message == f"config file {path} cannot be parsed: {parser.value}"
+    broken_yaml = tmp_path / "bad.yaml"
+    broken_yaml.write_text("train: [1, 2\nseed: 3\n")
+    message = settings_error(config_file=broken_yaml)
+    assert message.startswith(f"config file {broken_yaml} cannot be parsed: ")
+    assert "\n" not in message and len(message) > len(
+        f"config file {broken_yaml} cannot be parsed: "
+    )
+
+
+def test_a_config_file_of_another_type_names_the_types_read(tmp_path: Path):
+    path = tmp_path / "settings.ini"
+    path.write_text("[train]\nseed = 3\n")
+    assert settings_error(config_file=path) == (
+        f"config file {path} has an unknown type '.ini': use .toml, .yaml/.yml or .json."
+    )
