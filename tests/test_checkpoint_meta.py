@@ -8,12 +8,12 @@ import torch
 from distml import __version__
 from distml.checkpoint import (
     Checkpoint,
-    atomic_write_json,
     bare_model,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
+from distml.files import atomic_write_json
 from distml.models import ModelSpec, build_model
 
 

@@ -52,11 +52,11 @@ def test_rules_between_fields_read_as_sentences():
     [
         (
             ["optim.lr=1", "optim.lr.x=2"],
-            "cannot set optim.lr.x: optim.lr is a value, not a table.",
+            "cannot set optim.lr.x: optim.lr is a single value, not a section.",
         ),
         (
             ["train.seed=1", "train.seed.a.b=2"],
-            "cannot set train.seed.a.b: train.seed is a value, not a table.",
+            "cannot set train.seed.a.b: train.seed is a single value, not a section.",
         ),
         (["noequals"], "--set expects dotted.key=value, got 'noequals'."),
         (["=3"], "--set expects dotted.key=value, got '=3'."),
@@ -67,27 +67,28 @@ def test_set_assignments_that_cannot_apply(assignments: list[str], message: str)
 
 
 def test_set_value_may_hold_an_equals_sign():
-    config = resolve_settings(TrainConfig, assignments=["output.name = a=b "])
-    assert config.output.name == "a=b"
+    config = resolve_settings(TrainConfig, assignments=["output.root = a=b "])
+    assert config.output.root == Path("a=b")
 
 
 def test_yml_files_and_bytes_that_are_not_utf8(tmp_path: Path):
     yml = tmp_path / "settings.YML"
-    yml.write_text("train:\n  seed: 4\noutput:\n  name: café\n", encoding="utf-8")
+    yml.write_text("train:\n  seed: 4\noutput:\n  root: café\n", encoding="utf-8")
     config = resolve_settings(TrainConfig, yml)
-    assert config.train.seed == 4 and config.output.name == "café"
+    assert config.train.seed == 4 and config.output.root == Path("café")
     latin1 = tmp_path / "settings.toml"
     latin1.write_bytes(b"# caf\xe9 (latin-1)\n[train]\nseed = 3\n")
     assert resolve_settings(TrainConfig, latin1).train.seed == 3
 
 
-def test_a_parse_error_names_the_file_and_the_parsers_first_line(tmp_path: Path):
+def test_a_parse_error_names_the_file_the_problem_and_its_place(tmp_path: Path):
     path = tmp_path / "bad.json"
     path.write_text('{"train": }')
     with pytest.raises(json.JSONDecodeError) as parser:
         json.loads('{"train": }')
     message = settings_error(config_file=path)
-    assert message == f"config file {path} cannot be parsed: {parser.value}"
+    place = f"line {parser.value.lineno}, column {parser.value.colno}"
+    assert message == f"config file {path} cannot be parsed: {parser.value.msg} (at {place})."
     broken_yaml = tmp_path / "bad.yaml"
     broken_yaml.write_text("train: [1, 2\nseed: 3\n")
     message = settings_error(config_file=broken_yaml)
