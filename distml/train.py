@@ -322,6 +322,7 @@ def prepare(
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=settings.precision == "16-mixed")
     if state is not None:
         state.restore(optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        match_param_layout(optimizer)
     return Session(
         spec=spec,
         classes=list(dataset.classes),
@@ -352,6 +353,23 @@ def prepare(
         ),
         initial_weights_identical=identical,
     )
+
+
+def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every restored per-parameter state tensor (momentum, Adam moments) its parameter's
+    memory layout. A saved state comes back contiguous, while channels-last parameters are
+    not, and CUDA's fused optimizers refuse tensors whose strides differ from the params'
+    (a resumed run on a GPU failed at its first step)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            slots = optimizer.state.get(param, {})
+            for key, value in slots.items():
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.shape == param.shape
+                    and value.stride() != param.stride()
+                ):
+                    slots[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def weights_identical(model: nn.Module, ctx: RunContext) -> bool:

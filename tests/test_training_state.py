@@ -99,3 +99,25 @@ def test_files_that_are_not_a_training_state(tmp_path: Path):
         load_training_state(partial)
     assert str(caught.value).startswith(f"training state {partial} is damaged (KeyError: ")
     assert str(caught.value).endswith("the run cannot be resumed from it.")
+
+
+def test_restored_optimizer_state_takes_the_parameters_memory_layout():
+    # a saved state comes back contiguous; CUDA's fused optimizers refuse a momentum buffer
+    # whose strides differ from its channels-last parameter's (seen on an H100 at resume)
+    from distml.train import match_param_layout
+
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9)
+    conv(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    for slots in saved["state"].values():
+        slots["momentum_buffer"] = slots["momentum_buffer"].contiguous().clone()
+    restored = torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9)
+    restored.load_state_dict(saved)
+    buffer = restored.state[conv.weight]["momentum_buffer"]
+    assert buffer.stride() != conv.weight.stride()  # the layout the CUDA kernel refused
+    match_param_layout(restored)
+    aligned = restored.state[conv.weight]["momentum_buffer"]
+    assert aligned.stride() == conv.weight.stride()
+    assert torch.equal(aligned, buffer)  # same values, new layout
