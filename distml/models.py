@@ -24,13 +24,16 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from distml.choices import Activation, Norm, Pool
+
+if TYPE_CHECKING:  # the settings model is only a type here: models stays below config
+    from distml.config import ModelSettings
 
 VGG16_LAYOUT: tuple[int | str, ...] = (
     64,
@@ -78,6 +81,25 @@ class ModelSpec(BaseModel):
     kept_channels: dict[str, list[int]] = Field(
         default_factory=dict, description="original indices of the channels kept, per layer"
     )
+
+    @classmethod
+    def from_settings(
+        cls, settings: ModelSettings, num_classes: int, in_channels: int, image_size: int
+    ) -> ModelSpec:
+        """The spec of a fresh model of ``distml train``'s model settings for a dataset."""
+        return cls(
+            arch=settings.arch,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            image_size=image_size,
+            width=settings.width,
+            depth=settings.depth,
+            norm=settings.norm,
+            pool=settings.pool,
+            activation=settings.activation,
+            dropout=settings.dropout,
+            head_hidden=tuple(settings.head_hidden),
+        )
 
 
 @dataclass(frozen=True)

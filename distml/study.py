@@ -89,17 +89,7 @@ def planned_spec(settings: StudySettings, shape: DatasetShape) -> ModelSpec:
     """Step 1's model, as `distml train` will build it, from the settings and the dataset's
     shape; built on the meta device (no memory, no time) to find a model that does not fit."""
     model = settings.training.model
-    spec = ModelSpec(
-        arch=model.arch,
-        num_classes=shape.num_classes,
-        in_channels=shape.channels,
-        image_size=shape.image_size,
-        width=model.width,
-        depth=model.depth,
-        norm=model.norm,
-        dropout=model.dropout,
-        head_hidden=tuple(model.head_hidden),
-    )
+    spec = ModelSpec.from_settings(model, shape.num_classes, shape.channels, shape.image_size)
     try:
         with torch.device("meta"):
             build_model(spec)

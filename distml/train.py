@@ -88,18 +88,8 @@ def initial_model(
     head when the features are frozen or the classes differ)."""
     settings = config.model
     if settings.init is None:
-        spec = ModelSpec(
-            arch=settings.arch,
-            num_classes=len(dataset.classes),
-            in_channels=dataset.channels,
-            image_size=dataset.image_size,
-            width=settings.width,
-            depth=settings.depth,
-            norm=settings.norm,
-            pool=settings.pool,
-            activation=settings.activation,
-            dropout=settings.dropout,
-            head_hidden=tuple(settings.head_hidden),
+        spec = ModelSpec.from_settings(
+            settings, len(dataset.classes), dataset.channels, dataset.image_size
         )
         return build_model(spec), spec, None
     ckpt = load_checkpoint(settings.init)
