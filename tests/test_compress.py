@@ -527,5 +527,5 @@ def test_an_existing_result_is_not_overwritten(vgg_ckpt: Path, tmp_path: Path):
     out.mkdir()
     (out / "prune.json").write_text("{}")
     result = run_cli("prune", vgg_ckpt, "--out", out, *CPU, expect=2)
-    assert_clean_failure(result, "already holds a result")
+    assert_clean_failure(result, f"--out {out} already holds results", "--overwrite")
     assert (out / "prune.json").read_text() == "{}"

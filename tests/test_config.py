@@ -152,7 +152,10 @@ def test_cross_section_rules():
     with pytest.raises(SettingsError, match="freeze_features needs init"):
         resolve_settings(TrainConfig, flags={"model.freeze_features": True})
     with pytest.raises(SettingsError, match="nccl backend needs CUDA"):
-        resolve_settings(TrainConfig, flags={"dist.backend": "nccl", "train.device": "cpu"})
+        flags = {"dist.mode": "ddp", "dist.backend": "nccl", "train.device": "cpu"}
+        resolve_settings(TrainConfig, flags=flags)
+    with pytest.raises(SettingsError, match="backend, sync_bn only apply to mode ddp"):
+        resolve_settings(TrainConfig, flags={"dist.backend": "gloo", "dist.sync_bn": True})
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.toml")))

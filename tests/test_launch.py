@@ -193,6 +193,7 @@ def test_a_restarted_outer_torchrun_finds_its_run_folder(tmp_path: Path, monkeyp
     config = TrainConfig.model_validate(
         {
             "data": {"dataset": "synthetic", "synthetic_train_size": 64, "synthetic_test_size": 10},
+            "train": {"batch_size": 16},
             "dist": {"mode": "ddp"},
             "output": {"root": str(tmp_path)},
         }
