@@ -15,14 +15,16 @@ import functools
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, get_args, get_origin
+from typing import TYPE_CHECKING, Any, TypeVar, get_args, get_origin
 
-import click
 import typer
 from pydantic import BaseModel
 from typer.core import TyperCommand
 
 from distml.config import find_field
+
+if TYPE_CHECKING:  # types only: recent typer releases carry their own click (typer._click)
+    import click
 
 F = TypeVar("F", bound=Callable[..., Any])
 OptionTable = dict[str, dict[str, str]]  # help panel -> {"--flag": "dotted.settings.key"}

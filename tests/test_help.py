@@ -117,3 +117,18 @@ def test_importing_the_cli_does_not_import_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_the_cli_needs_no_click_package():
+    # recent typer releases carry their own click and do not install the package: a fresh
+    # install has no `click` to import, so distml must not need one at run time
+    code = (
+        "import sys; sys.modules['click'] = None\n"
+        "from typer.testing import CliRunner\n"
+        "from distml.cli import app\n"
+        "result = CliRunner().invoke(app, ['train', '--help'])\n"
+        "print(result.exit_code)"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "0"
