@@ -26,7 +26,15 @@ MUTMUT_VERSION = ">=3.8,<4"
 # mutmut's mutant names; "*" = all) and the test files that guard it. Only these tests run
 # against the module's mutants, which keeps a module to minutes on two cores.
 MUTATION_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "data": (("*",), ("tests/test_data.py", "tests/test_splits.py")),
+    "data": (
+        ("*",),
+        (
+            "tests/test_data.py",
+            "tests/test_splits.py",
+            "tests/test_normalisation.py",
+            "tests/test_robust_messages.py",
+        ),
+    ),
     "config": (
         ("*",),
         ("tests/test_config.py", "tests/test_precedence.py", "tests/test_settings_messages.py"),
