@@ -46,6 +46,8 @@ RUN python -m venv "$VIRTUAL_ENV"
 ARG TORCH_VERSION=2.15.0
 ARG TORCHVISION_VERSION=0.29.2
 ARG TORCH_INDEX_URL=
+# torch and torchvision are pinned; hadolint reads the optional --index-url as a package
+# hadolint ignore=DL3013
 RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
