@@ -21,7 +21,8 @@ def tracked_text_files() -> list[Path]:
     listed = subprocess.run(
         ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
-    files = [ROOT / name for name in listed]
+    # this file holds example URLs (of example.org hosts) to test the pattern itself
+    files = [ROOT / name for name in listed if ROOT / name != Path(__file__).resolve()]
     return [path for path in files if path.is_file() and b"\0" not in path.read_bytes()[:4096]]
 
 
