@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from distml.checkpoint import STATE_FILE, load_checkpoint, model_from_checkpoint
 from distml.config import DistSettings, TrainConfig, format_validation_error
-from distml.data import ImageDataset, load_dataset, make_splits
+from distml.data import ImageDataset, load_dataset, stratified_split
 from distml.dist import (
     RunContext,
     check_ddp_settings,
@@ -103,7 +103,7 @@ def start_run(config: TrainConfig, run_dir: Path | None, *, show_progress: bool)
         check_ddp_settings(config, device, nproc * config.dist.nnodes)
         if run_dir is not None:
             return launch_training(config, run_dir, nproc, show_progress, resume)
-        check_inputs(config, world_size=nproc * config.dist.nnodes)  # once, not in every rank
+        check_inputs(config)  # once, here, rather than in every rank
         if config.dist.node_rank != 0:
             return launch_training(config, Path("."), nproc, show_progress, resume)
         run_dir = create_run_dir(config)
@@ -180,7 +180,7 @@ def run_directory(config: TrainConfig, elastic_run_id: str | None = None) -> Pat
 
 
 def check_inputs(
-    config: TrainConfig, run_dir: Path | None = None, world_size: int = 1
+    config: TrainConfig, run_dir: Path | None = None
 ) -> ImageDataset:
     """Everything that needs no training to find, before the run folder exists: output paths
     (writable, not another run's), the dataset, the init file, and the model and batch plan.
@@ -202,7 +202,7 @@ def check_inputs(
         model_from_checkpoint(ckpt)  # its tensors must fit its spec
     else:
         check_model_plan(config, dataset)
-    check_batch_plan(config, dataset, world_size)
+    check_batch_plan(config, dataset)
     return dataset
 
 
@@ -222,10 +222,11 @@ def check_model_plan(config: TrainConfig, dataset: ImageDataset) -> None:
             ) from None
 
 
-def check_batch_plan(config: TrainConfig, dataset: ImageDataset, world_size: int) -> None:
-    """The effective batch must fit the training split at least once per epoch."""
+def check_batch_plan(config: TrainConfig, dataset: ImageDataset) -> None:
+    """The effective batch must fit the training split at least once per epoch (counted from
+    the split's indices: no copy of the images)."""
     val = config.data.val_fraction
-    train_images = len(make_splits(dataset, val, config.train.seed).train_labels)
+    train_images = len(stratified_split(dataset.train_labels, val, config.train.seed)[0])
     if config.train.batch_size > train_images:
         raise DistmlError(
             f"--batch-size {config.train.batch_size} is larger than the {train_images} training "
