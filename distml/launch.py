@@ -179,9 +179,7 @@ def run_directory(config: TrainConfig, elastic_run_id: str | None = None) -> Pat
     return path
 
 
-def check_inputs(
-    config: TrainConfig, run_dir: Path | None = None
-) -> ImageDataset:
+def check_inputs(config: TrainConfig, run_dir: Path | None = None) -> ImageDataset:
     """Everything that needs no training to find, before the run folder exists: output paths
     (writable, not another run's), the dataset, the init file, and the model and batch plan.
     Returns the (checked) dataset. ``run_dir``: the folder the run will use, when known."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import shutil
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,9 +43,10 @@ from distml.config import (
     parse_assignment,
     read_config_file,
     set_dotted,
+    suggest_key,
     validate_settings,
 )
-from distml.errors import DistmlError
+from distml.errors import DistmlError, Interrupted
 
 PLAN_FILE = "sweep.json"  # the sweep's own record in OUT: plan, runs, status of each
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -116,10 +116,8 @@ class Plan(Section):
 
 
 def did_you_mean(key: str) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, known_keys(TrainConfig), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    close = suggest_key(key, known_keys(TrainConfig))
+    return f"; did you mean {close!r}?" if close else ""
 
 
 @dataclass
@@ -263,7 +261,7 @@ def cannot_run_here(config: TrainConfig) -> str | None:
 # ----------------------------------------------------------------------------- running
 
 
-def check_out(out: Path, plan_path: Path, runs: list[PlannedRun]) -> None:
+def check_out(out: Path, runs: list[PlannedRun]) -> None:
     """OUT is new, or a folder this same plan wrote before (then the sweep continues)."""
     if out.exists() and not out.is_dir():
         raise DistmlError(f"--out {out} is a file; give a folder for the sweep's runs.")
@@ -293,7 +291,8 @@ def run_one(
     resume: Callable[[Path], dict[str, Any]],
 ) -> RunOutcome:
     """Train one planned run, or continue it: finished runs are kept, interrupted ones resume,
-    a folder left by a start that failed before its first epoch is started again."""
+    the rest start (the launcher reuses a folder left by a start that failed before its first
+    epoch, and refuses one that holds a run)."""
     from distml.checkpoint import STATE_FILE
 
     run_dir = run.config.output.dir
@@ -312,12 +311,10 @@ def run_one(
             outcome.status = "resumed"
             outcome.summary = resume(run_dir)
         else:
-            if run_dir.is_dir():  # a start that failed before its first epoch ended
-                shutil.rmtree(run_dir)
             outcome.summary = start(run.config)
+    except Interrupted:  # stopped by a signal: the sweep stops too
+        raise
     except DistmlError as exc:
-        if exc.exit_code in (130, 143):  # stopped by a signal: the sweep stops too
-            raise
         outcome.status, outcome.message = "failed", str(exc)
     return outcome
 
@@ -363,7 +360,7 @@ def run_sweep(settings: SweepSettings, *, show_progress: bool = True) -> dict[st
     if settings.dry_run:
         result["dry_run"] = True
         return result
-    check_out(out, settings.plan, runs)
+    check_out(out, runs)
     reporter = Reporter(show_progress)
     outcomes: list[RunOutcome] = []
     out.mkdir(parents=True, exist_ok=True)
@@ -379,9 +376,7 @@ def run_sweep(settings: SweepSettings, *, show_progress: bool = True) -> dict[st
                 reporter.line(f"  {outcome.status}: {outcome.message}")
             outcomes.append(outcome)
             write_record(out, plan, settings.plan, outcomes)
-    except DistmlError as exc:
-        if exc.exit_code not in (130, 143):
-            raise
+    except Interrupted as exc:
         write_record(out, plan, settings.plan, outcomes)
         exc.args = (
             f"{exc} The sweep stopped after {len(outcomes)} of {len(runs)} runs; continue it "
