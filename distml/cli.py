@@ -31,10 +31,7 @@ from distml.config import (
     StudySettings,
     SweepSettings,
     TrainConfig,
-    parse_assignment,
-    read_config_file,
     resolve_settings,
-    set_dotted,
     validate_settings,
 )
 from distml.errors import DistmlError
@@ -508,9 +505,27 @@ def select_report(r: dict[str, Any]) -> str:
     return "\n".join(lines + compression_lines(r) + [f"plot          {r['plot']}"])
 
 
+TRAINING = "training."  # the prefix of a command's nested training settings
+
+
+def training_settings(
+    config: Path | None, flags: dict[str, Any], set_: list[str] | None, table: OptionTable
+) -> tuple[TrainConfig, dict[str, Any]]:
+    """A command's nested training settings, resolved as ``distml train`` resolves them
+    (its --config file < its ``training.*`` flags < --set), and the command's other flags."""
+    training_flags = {
+        key.removeprefix(TRAINING): value
+        for key, value in flags.items()
+        if key.startswith(TRAINING)
+    }
+    own = {key: value for key, value in flags.items() if not key.startswith(TRAINING)}
+    names = {key.removeprefix(TRAINING): flag for key, flag in flag_names(table).items()}
+    return resolve_settings(TrainConfig, config, training_flags, set_, names), own
+
+
 @app.command("study", cls=PanelCommand)
 @user_errors
-@setting_options(StudySettings, STUDY_OPTIONS, from_config="training.")
+@setting_options(StudySettings, STUDY_OPTIONS, from_config=TRAINING)
 def study_command(
     config: Annotated[
         Path, Opt(metavar="PATH", help="Training settings of step 1 (e.g. configs/vgg16.toml).")
@@ -535,19 +550,13 @@ def study_command(
     into --out."""
     from distml.study import run_study
 
-    prefix = "training."
-    training_flags = {
-        key.removeprefix(prefix): value for key, value in flags.items() if key.startswith(prefix)
-    }
-    names = flag_names(STUDY_OPTIONS)
-    training_names = {key.removeprefix(prefix): flag for key, flag in names.items()}
-    training = resolve_settings(TrainConfig, config, training_flags, set_, training_names)
+    training, own = training_settings(config, flags, set_, STUDY_OPTIONS)
     # the study's own head defaults (30 epochs) under the head flags: a partly given section
     # would otherwise start from HeadSettings' defaults
     head = StudySettings.model_fields["head"].get_default(call_default_factory=True)
     values = {"head": head.model_dump(), "training": training, "head.mode": training.dist.mode}
-    values |= {key: value for key, value in flags.items() if not key.startswith(prefix)}
-    settings = resolve_settings(StudySettings, flags=values, flag_names=names)
+    values |= own
+    settings = resolve_settings(StudySettings, flags=values, flag_names=flag_names(STUDY_OPTIONS))
     emit(run_study(settings, show_progress=not quiet), json_, study_report)
 
 
@@ -709,7 +718,7 @@ def sweep_report(r: dict[str, Any]) -> str:
 # the train flags that shape the test (not --lr: the test varies it; one process, so no
 # distributed flags; the output is the test's own)
 LR_FIND_OPTIONS: OptionTable = {
-    panel: {flag: f"training.{key}" for flag, key in flags.items() if flag != "--lr"}
+    panel: {flag: TRAINING + key for flag, key in flags.items() if flag != "--lr"}
     for panel, flags in TRAIN_OPTIONS.items()
     if panel not in ("Distributed", "Output")
 }
@@ -745,13 +754,9 @@ def lr_find_command(
     Writes lr_find.json and lr_find.png; no weights are written anywhere."""
     from distml.lrfind import find_lr
 
-    tree: dict[str, Any] = {"training": read_config_file(config) if config else {}}
-    for key, value in flags.items():
-        set_dotted(tree, key, value)
-    for text in set_ or []:
-        key, value = parse_assignment(text, TrainConfig)
-        set_dotted(tree, f"training.{key}", value)
-    settings = validate_settings(LrFindSettings, tree, flag_names(LR_FIND_OPTIONS))
+    training, own = training_settings(config, flags, set_, LR_FIND_OPTIONS)
+    values = {**own, "training": training}
+    settings = validate_settings(LrFindSettings, values, flag_names(LR_FIND_OPTIONS))
     emit(find_lr(settings, show_progress=not quiet), json_, lr_find_report)
 
 
