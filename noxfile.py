@@ -25,6 +25,7 @@ MUTMUT_VERSION = ">=3.8,<4"
 # Mutation testing: each core module, the functions of it that are mutated (globs over
 # mutmut's mutant names; "*" = all) and the test files that guard it. Only these tests run
 # against the module's mutants, which keeps a module to minutes on two cores.
+MUTATION_WORKDIR = Path(".nox") / "mutmut"  # one scratch folder per module, kept after the run
 MUTATION_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "data": (
         ("*",),
@@ -51,16 +52,21 @@ MUTATION_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "tests/test_training_state.py",
         ),
     ),
-    "si": (("*",), ("tests/test_si.py",)),
-    "compress": (("*",), ("tests/test_compress.py",)),
-    # the loop: the schedule and one training step, against the fast loop tests
-    "train": (
-        ("x_lr_factor__*", "x_train_epoch__*"),
+    "si": (
+        ("*",),
         (
-            "tests/test_train.py::test_schedules",
-            "tests/test_schedule.py",
-            "tests/test_best_model.py",
+            "tests/test_si.py",
+            # the keep rule (si.kept_prefix) is tested where the CLI applies it
+            "tests/test_compress.py::test_keep_rule",
+            "tests/test_compress.py::test_keep_rule_refuses_bad_input",
         ),
+    ),
+    "compress": (("*",), ("tests/test_compress.py",)),
+    # the loop: the schedule, the epoch's steps, its host sync and the non-finite watch,
+    # against the fast loop tests (test_loop.py drives train_epoch directly)
+    "train": (
+        ("x_lr_factor__*", "x_train_epoch__*", "xǁHostSyncǁ*", "xǁNonFiniteWatchǁ*"),
+        ("tests/test_loop.py", "tests/test_schedule.py", "tests/test_best_model.py"),
     ),
 }
 
@@ -173,16 +179,19 @@ def gpu(session: nox.Session) -> None:
 
 
 def _mutmut_workdir(session: nox.Session, module: str, tests: tuple[str, ...]) -> Path:
-    """A scratch copy of the package and tests with a [mutmut] setup.cfg for one module.
+    """A fresh scratch copy of the package and tests with a [mutmut] setup.cfg for one module.
 
-    mutmut reads its settings from the working directory and writes mutants/ there; a
-    folder per module keeps the repository clean and lets mutmut reuse earlier results.
+    mutmut reads its settings from the working directory and writes mutants/ there. The
+    folder is outside the session's virtualenv (nox recreates that on every run), so `mutmut
+    show NAME` works there after the run; each run starts it anew, so every mutant is run
+    against today's tests (mutmut would otherwise keep the verdicts of an earlier run).
     """
     missing = [name for name in tests if not Path(name.split("::")[0]).exists()]
     if missing:
         session.warn(f"{module}: test files {missing} do not exist; running without them")
-    workdir = Path(session.create_tmp()) / f"mutate-{module}"
-    workdir.mkdir(exist_ok=True)
+    workdir = MUTATION_WORKDIR.resolve() / f"mutate-{module}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
     for folder in ("distml", "tests"):
         shutil.copytree(folder, workdir / folder, dirs_exist_ok=True)
     shutil.copy("pyproject.toml", workdir / "pyproject.toml")

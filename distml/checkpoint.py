@@ -161,7 +161,7 @@ def error_lines(exc: Exception, most: int = 2) -> str:
     line is only a heading ("Error(s) in loading state_dict for ...", "1 validation error for
     ..."), the offending key is on the next."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if (len(lines) > 1 and lines[0].rstrip().endswith(":")) or "validation error" in lines[0]:
+    if lines and ((len(lines) > 1 and lines[0].endswith(":")) or "validation error" in lines[0]):
         lines = lines[1:]
     return "; ".join(lines[:most]) or type(exc).__name__
 

@@ -453,7 +453,8 @@ class SelectionResult:
     def from_curve(
         cls, order: Sequence[int], curve: Sequence[float], tolerance: float
     ) -> SelectionResult:
-        return cls(list(order), list(curve), max(curve), kept_prefix(curve, tolerance))
+        kept = kept_prefix(curve, tolerance)  # checks the curve and the tolerance first
+        return cls(list(order), list(curve), max(curve), kept)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready summary (features = 1..len(curve) on the x axis of the SI curve)."""

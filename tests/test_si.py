@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytest
 import torch
 
+from distml import si as si_module
 from distml.si import (
     SelectionResult,
+    _selection_state,
+    _tile_bytes,
     center_separation_index,
+    kept_prefix,
     select_features,
     select_features_naive,
     separation_index,
@@ -458,3 +465,195 @@ def test_bad_selection_arguments_raise_value_error(kwargs, message):
         select_features(features, labels, **kwargs)
     with pytest.raises(ValueError, match=message):
         select_features_naive(features, labels, **kwargs)
+
+
+def test_selection_result_to_dict_is_the_json_the_commands_write():
+    result = SelectionResult.from_curve([3, 1, 2, 0], [0.5, 0.8, 0.79, 0.81], tolerance=0.02)
+    assert result.to_dict() == {
+        "order": [3, 1, 2, 0],
+        "curve": [0.5, 0.8, 0.79, 0.81],
+        "best": 0.81,
+        "kept": 2,
+        "selected": [1, 3],
+    }
+
+
+# ----------------------------------------------------------------------------- memory budget
+# The default chunking keeps every block of distances near a memory budget (256 MB; the
+# selection's CPU tiles are cache-sized). Shrinking the budget makes the small test sets take
+# the many-block paths that full-size features take, with the default chunk sizes.
+
+
+@pytest.fixture
+def small_budget(monkeypatch):
+    monkeypatch.setattr(si_module, "_BLOCK_BYTES", 16 * 2**10)  # 16 KiB: 4,096 float32
+    return 16 * 2**10
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_default_chunks_under_a_small_budget_match_brute_force(small_budget, soft):
+    features, labels = random_data(150, (3,), classes=4, seed=5)
+    features[140:] = features[:10]  # copies across chunks
+    if soft:
+        features = features + 1e-3 * torch.arange(150).view(-1, 1)  # soft: no exact ties
+        expected = brute_soft_si(features, labels, order=3)
+        assert separation_index(features, labels, soft=True, order=3) == pytest.approx(expected)
+    else:
+        for order in (1, 2):
+            expected = brute_si(features, labels, order=order)
+            assert separation_index(features, labels, order=order) == pytest.approx(expected)
+
+
+def test_selection_tiles_split_rows_and_stay_within_the_budget():
+    # unbalanced classes (sizes 300, 200, 100): the padded layout, several row chunks
+    gen = torch.Generator().manual_seed(9)
+    labels = torch.cat([torch.full((s,), k) for k, s in enumerate((300, 200, 100))])
+    features = torch.randn(600, 5, 1, 1, generator=gen) + 0.8 * labels.view(-1, 1, 1, 1)
+    state = _selection_state(features, labels, "si", torch.float32, None, None)
+    width = state.dist.shape[1]
+    assert width == 3 * 300  # every class padded to the largest
+    assert state.rows < 600  # the rows come in several chunks
+    tile = 2 * state.rows * width * state.batch * 4  # a sum and one difference per tile
+    assert tile <= _tile_bytes(torch.device("cpu"))
+    chunks = list(state._row_chunks())
+    assert chunks[0].start == 0 and chunks[-1].stop == 600
+    assert all(a.stop == b.start for a, b in itertools.pairwise(chunks))
+    # and the chunked, padded selection (float32, direct differences) is still the naive one
+    # (float64: on one channel the float32 GEMM formula misplaces a near tie)
+    fast = select_features(features, labels)
+    slow = select_features_naive(features, labels, dtype=torch.float64)
+    assert fast.order == slow.order
+    assert fast.curve == pytest.approx(slow.curve, abs=1e-12)
+
+
+def test_selection_of_balanced_classes_keeps_one_copy_of_the_features():
+    features, labels = random_data(60, (4, 2, 2), classes=3, seed=3)
+    labels = torch.arange(60) % 3
+    state = _selection_state(features, labels, "si", torch.float32, None, None)
+    assert state.col_values is state.row_values  # no padded second copy
+    assert state.dist.shape == (60, 60)
+
+
+def test_selection_keeps_exact_zero_distances_next_to_tiny_ones():
+    # Sample 0 has a same-class copy (distance exactly 0) and an other-class sample at 1e-4
+    # (squared 1e-8): separated only if 0 stays exactly 0 (1 + 1e-8 == 1 in float32).
+    features = torch.tensor([[0.0], [0.0], [1e-4], [5.0], [5.0], [9.0]])
+    labels = torch.tensor([0, 0, 1, 1, 1, 0])
+    expected = brute_si(features, labels)
+    assert expected == pytest.approx(4 / 6)
+    assert select_features(features, labels).curve == [pytest.approx(expected)]
+
+
+# ----------------------------------------------------------------------------- input messages
+# Each message is checked whole: a user reads it to fix the call.
+
+
+@pytest.mark.parametrize(
+    ("features", "labels", "message"),
+    [
+        ([[0.0], [1.0]], [0, 1], "features must be a tensor shaped (N, ...)"),
+        (torch.tensor(1.0), [0], "features must be a tensor shaped (N, ...)"),
+        (torch.zeros(4, 2, dtype=torch.complex64), [0, 1, 0, 1], "features must be real"),
+        (torch.zeros(4, 2), torch.zeros(4, 1, dtype=torch.long),
+         "labels must be 1-D (N,), got shape (4, 1)"),
+        (torch.zeros(4, 2), [0, 1, 0],
+         "features have 4 samples but labels have 3: pass one label per sample "
+         "(features (N, ...), labels (N,))"),
+        (torch.zeros(4, 2), torch.zeros(4), "labels must be integers, got torch.float32"),
+        (torch.zeros(1, 2), [0], "need at least 2 samples"),
+    ],
+)  # fmt: skip
+def test_bad_inputs_are_named_in_full(features, labels, message):
+    for index in (separation_index, center_separation_index):
+        with pytest.raises(ValueError) as raised:
+            index(features, labels)
+        assert str(raised.value) == message
+
+
+def test_the_smallest_valid_inputs_are_accepted():
+    # two samples, one value each (features shaped (N,)), one class each
+    assert separation_index(torch.tensor([0.0, 1.0]), torch.tensor([0, 1])) == 0.0
+    assert separation_index(torch.tensor([0.0, 1.0]), torch.tensor([0, 0])) == 1.0
+    assert center_separation_index(torch.tensor([0.0, 1.0]), torch.tensor([0, 1])) == 1.0
+    assert separation_index(torch.tensor([[0.0], [1.0]]), [3, 3], chunk_size=1) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("features", "kwargs", "message"),
+    [
+        (torch.zeros(6), {}, "selection needs features shaped (N, C, ...) with C >= 1"),
+        (torch.zeros(6, 0), {}, "selection needs features shaped (N, C, ...) with C >= 1"),
+        ([[0.0]] * 6, {}, "selection needs features shaped (N, C, ...) with C >= 1"),
+        (torch.zeros(6, 2), {"max_features": 0}, "max_features must be in [1, 2], got 0"),
+        (torch.zeros(6, 2), {"max_features": 3}, "max_features must be in [1, 2], got 3"),
+        (torch.zeros(6, 2), {"tolerance": math.nan}, "tolerance must be >= 0, got nan"),
+        (torch.zeros(6, 2), {"tolerance": -0.5}, "tolerance must be >= 0, got -0.5"),
+        (torch.zeros(6, 2), {"chunk_size": 0}, "chunk_size must be a positive integer, got 0"),
+        (torch.zeros(6, 2), {"candidate_batch": 0},
+         "candidate_batch must be a positive integer, got 0"),
+    ],
+)  # fmt: skip
+def test_bad_selection_inputs_are_named_in_full(features, kwargs, message):
+    labels = torch.arange(6) % 2
+    for select in (select_features, select_features_naive):
+        with pytest.raises(ValueError) as raised:
+            select(features, labels, **kwargs)
+        assert str(raised.value) == message
+
+
+def test_the_smallest_valid_selection_is_accepted():
+    features = torch.tensor([[0.0], [1.0], [5.0], [6.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    result = select_features(features, labels, max_features=1, chunk_size=1, candidate_batch=1)
+    assert (result.order, result.curve, result.kept) == ([0], [1.0], 1)
+
+
+def test_the_chunk_and_batch_a_caller_gives_are_the_ones_used(monkeypatch):
+    states = []
+    real = si_module._selection_state
+
+    def spy(*args):
+        states.append(real(*args))
+        return states[-1]
+
+    monkeypatch.setattr(si_module, "_selection_state", spy)
+    features, labels = random_data(40, (6, 1, 1), classes=2, seed=4)
+    select_features(features, labels, max_features=2, chunk_size=7, candidate_batch=2)
+    select_features(features, labels, criterion="center-si", max_features=2, candidate_batch=3)
+    (si_state, centre_state) = states
+    assert (si_state.rows, si_state.batch) == (7, 2)
+    assert centre_state.batch == 3
+
+
+def test_an_empty_curve_is_refused_by_name():
+    for call in (lambda: kept_prefix([], 0.0), lambda: SelectionResult.from_curve([], [], 0.0)):
+        with pytest.raises(ValueError) as raised:
+            call()
+        assert str(raised.value) == "the curve is empty"
+
+
+# ----------------------------------------------------------------------------- copies, GEMMs
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_copies_tie_exactly_with_many_features(soft):
+    # With 2,048 features the GEMM formula leaves copies at a rounding error from each other
+    # (not 0) and at slightly different distances from everyone else. Every copy must still
+    # sit at exactly 0 from its copies, so a copy with a same-class twin and an other-class
+    # twin is a tie (not separated), as the float64 brute force says.
+    gen = torch.Generator().manual_seed(11)
+    base = 3.0 * torch.randn(30, 2048, generator=gen) + 5.0
+    features = torch.cat([base, base, base])  # every row three times
+    labels = torch.cat([torch.zeros(30), torch.zeros(30), torch.ones(30)]).long()
+    labels[:10] = 1  # some rows with labels (1, 0, 1): two same-class copies for the others
+    expected = brute_soft_si(features, labels, 2) if soft else brute_si(features, labels)
+    got = separation_index(features, labels, soft=soft, order=2 if soft else 1)
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_more_than_eight_default_blocks_per_side_match_a_chunked_run():
+    # 2,100 samples: the default block side is ceil(N / 8) = 263 rows (not the 256 minimum)
+    features, labels = random_data(2100, (3,), classes=5, seed=12)
+    assert separation_index(features, labels, dtype=torch.float64) == separation_index(
+        features, labels, dtype=torch.float64, chunk_size=500
+    )

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 from distml.config import TrainConfig
 from distml.metrics import METRIC_COLUMNS, overfitting_verdict
-from distml.train import lr_factor
 
 
 def test_a_short_synthetic_run_learns_and_writes_its_report(tiny_run):
@@ -184,21 +183,6 @@ def test_transfer_with_frozen_features(tiny_run, tmp_path: Path):
             assert torch.equal(before[key], after[key]), key  # frozen, BN statistics too
     assert "head.fc1.weight" in after and "head.fc1.weight" not in before
     assert summary["trainable_parameters"] < summary["parameters"]
-
-
-def test_schedules():
-    config = TrainConfig.model_validate(
-        {"train": {"epochs": 10}, "optim": {"scheduler": "step", "step_size": 3}}
-    )
-    assert [lr_factor(e * 5, config, 5) for e in (0, 2, 3, 6, 9)] == pytest.approx(
-        [1, 1, 0.1, 0.01, 0.001]
-    )
-    onecycle = TrainConfig.model_validate(
-        {"train": {"epochs": 10}, "optim": {"warmup_fraction": 0.2}}
-    )
-    factors = [lr_factor(s, onecycle, 10) for s in range(100)]
-    assert max(factors) == pytest.approx(1.0) and factors.index(1.0) == 19
-    assert factors[0] < 0.1 and factors[-1] < 0.02
 
 
 def test_overfitting_verdict():

@@ -31,6 +31,7 @@ def test_every_part_round_trips(tmp_path: Path):
     model, optimizer, scheduler = trained_pieces()
     optim_state = optimizer.state_dict()
     optim_state["state"][1]["visits"] = 3  # some optimizers keep plain numbers, too
+    optim_state["state"][1]["step.count"] = torch.tensor(3.0)  # a key with a dot in it
     best = {k: v + 1 for k, v in model.state_dict().items()}
     written = TrainingState(
         model=model.state_dict(),
@@ -121,3 +122,147 @@ def test_restored_optimizer_state_takes_the_parameters_memory_layout():
     aligned = restored.state[conv.weight]["momentum_buffer"]
     assert aligned.stride() == conv.weight.stride()
     assert torch.equal(aligned, buffer)  # same values, new layout
+
+
+def test_capture_and_restore_carry_every_part_into_fresh_objects(tmp_path: Path):
+    from distml.train import LoopState
+
+    model, optimizer, scheduler = trained_pieces()
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
+    loop = LoopState(epoch=3, step=4, best_epoch=2, best_val=0.7)
+    best = {k: v.clone() + 1 for k, v in model.state_dict().items()}
+    rng = {"cpu.0": torch.get_rng_state()}
+    state = TrainingState.capture(
+        model=model, best=best, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+        loop=loop, rng=rng, world_size=3,
+    )  # fmt: skip
+    assert state.model.keys() == model.state_dict().keys()
+    assert state.best is best and state.rng is rng and state.world_size == 3
+    assert state.loop == loop.state_dict() and state.loop["epoch"] == 3
+    assert state.scaler is not None and state.scaler["scale"] == 512.0
+    save_training_state(tmp_path / "state.safetensors", state)
+    read = load_training_state(tmp_path / "state.safetensors")
+
+    _, fresh_optimizer, fresh_scheduler = trained_pieces()
+    fresh_optimizer.param_groups[0]["lr"] = 99.0
+    fresh_scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+    read.restore(optimizer=fresh_optimizer, scheduler=fresh_scheduler, scaler=fresh_scaler)
+    assert fresh_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+    assert fresh_scaler.get_scale() == 512.0
+    restored = LoopState()
+    restored.load_state_dict(read.loop)
+    assert restored == loop
+
+
+def test_a_disabled_scaler_is_stored_as_none_and_left_alone_at_restore():
+    model, optimizer, scheduler = trained_pieces()
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    state = TrainingState.capture(
+        model=model, best=None, optimizer=optimizer, scheduler=scheduler, scaler=disabled,
+        loop=scheduler, rng={}, world_size=1,
+    )  # fmt: skip
+    assert state.scaler is None and state.best is None
+
+    class Refuses:
+        def load_state_dict(self, state_dict):
+            raise AssertionError("a disabled scaler's state must not be loaded")
+
+    state.restore(optimizer=optimizer, scheduler=scheduler, scaler=Refuses())
+
+
+def test_each_rank_restores_its_own_cpu_random_state():
+    torch.manual_seed(1)
+    rank0 = torch.get_rng_state()
+    torch.manual_seed(2)
+    rank1 = torch.get_rng_state()
+    expected = torch.rand(3)  # what rank 1's state draws next
+    state = TrainingState(
+        model={}, best=None, optimizer={}, scheduler={}, scaler=None,
+        rng={"cpu.0": rank0, "cpu.1": rank1, "cuda.1": torch.zeros(1)}, loop={}, world_size=2,
+    )  # fmt: skip
+    torch.manual_seed(99)
+    state.restore_rng(1, torch.device("cpu"))  # the CUDA state is not touched on a CPU run
+    assert torch.equal(torch.rand(3), expected)
+    state.restore_rng(0, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), rank0)
+
+
+def test_local_random_states_on_the_cpu_are_the_cpu_generator_alone():
+    from distml.checkpoint import local_rng_states
+
+    torch.manual_seed(5)
+    states = local_rng_states(torch.device("cpu"), replicas=[1, 2])
+    assert states.keys() == {"cpu"}
+    assert torch.equal(states["cpu"], torch.get_rng_state())
+
+
+def test_a_state_sent_as_bytes_reads_like_the_file(tmp_path: Path):
+    from distml.checkpoint import training_state_from_bytes
+
+    model, optimizer, scheduler = trained_pieces()
+    path = tmp_path / "state.safetensors"
+    save_training_state(path, TrainingState(
+        model=model.state_dict(), best=None, optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(), scaler=None, rng={"cpu.0": torch.get_rng_state()},
+        loop={"epoch": 2}, world_size=2,
+    ))  # fmt: skip
+    from_file = load_training_state(path)
+    sent = training_state_from_bytes(path.read_bytes(), path)
+    assert sent.loop == from_file.loop == {"epoch": 2} and sent.world_size == 2
+    assert sent.scheduler == from_file.scheduler
+    assert all(torch.equal(sent.model[k], v) for k, v in from_file.model.items())
+    assert torch.equal(sent.rng["cpu.0"], from_file.rng["cpu.0"])
+    with pytest.raises(DistmlError) as caught:
+        training_state_from_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}", path)
+    assert str(caught.value).startswith(f"training state {path} cannot be read as safetensors (")
+    assert str(caught.value).endswith("the run cannot be resumed from it.")
+
+
+def test_the_state_file_records_its_format_and_the_distml_version(tmp_path: Path):
+    from safetensors import safe_open
+
+    from distml import __version__
+    from distml.checkpoint import CHECKPOINT_VERSION
+
+    model, optimizer, scheduler = trained_pieces()
+    path = tmp_path / "state.safetensors"
+    save_training_state(path, TrainingState(
+        model=model.state_dict(), best=None, optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(), scaler=None, rng={}, loop={}, world_size=1,
+    ))  # fmt: skip
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["format"] == "distml-train-state"
+    assert meta["format_version"] == str(CHECKPOINT_VERSION)
+    assert meta["distml_version"] == __version__
+
+
+def test_a_missing_state_file_is_named(tmp_path: Path):
+    with pytest.raises(DistmlError) as caught:
+        load_training_state(tmp_path / "nope.safetensors")
+    assert str(caught.value) == (
+        f"training state {tmp_path / 'nope.safetensors'} does not exist. Check the path."
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # torch: a heading line ending in ":", the offending keys on the next lines
+        ('Error(s) in loading state_dict for Classifier:\n\tMissing key(s): "fc.weight".\n\t'
+         'Unexpected key(s): "x".\n\tsize mismatch for "y".',
+         'Missing key(s): "fc.weight".; Unexpected key(s): "x".'),
+        # pydantic: "1 validation error for ..." is a heading even without a colon
+        ("1 validation error for ModelSpec\nwidth\n  Input should be > 0",
+         "width; Input should be > 0"),
+        ("one line that ends with a colon:", "one line that ends with a colon:"),
+        ("first\nsecond\nthird", "first; second"),
+        ("  \n padded \n", "padded"),
+        ("", "ValueError"),
+    ],
+)  # fmt: skip
+def test_error_lines_keeps_the_lines_that_say_what_is_wrong(text: str, expected: str):
+    from distml.checkpoint import error_lines
+
+    assert error_lines(ValueError(text)) == expected

@@ -92,3 +92,55 @@ def test_only_epochs_with_a_validation_loss_count():
     assert overfitting_verdict(no_val)["detected"] is None
     assert "no validation set" in overfitting_verdict(no_val)["verdict"]
     assert overfitting_verdict([])["detected"] is None
+
+
+# Every branch of the verdict, word for word: the sentence a report quotes. The rises are
+# chosen so that a wrong factor changes the printed percentage (9.45% prints as 9%).
+WITHIN = [1.2, 1.0, 1.05, 1.08, 1.0945]  # minimum 1.0 at epoch 2, ends 9.45% above it
+HIGH_GAP = {"train_accuracy": 0.9, "val_accuracy": 0.55}  # 35.0 points
+
+
+@pytest.mark.parametrize(
+    ("rows", "text"),
+    [
+        (
+            curve(RISING),
+            "Overfitting: validation loss rose 60% above its minimum (lowest at epoch 2 of 5) "
+            "while the training loss kept falling; train/validation accuracy gap 6.2 points.",
+        ),
+        (
+            curve(WITHIN, **HIGH_GAP),
+            "Overfitting: training accuracy is 35.0 points above validation accuracy, although "
+            "the validation loss is within 10% of its minimum (9% above, lowest at epoch 2 of "
+            "5).",
+        ),
+        (
+            curve(RISING, last_train_loss=1.0, **HIGH_GAP),
+            "Overfitting: training accuracy is 35.0 points above validation accuracy, and the "
+            "validation loss is 60% above its minimum (lowest at epoch 2 of 5).",
+        ),
+        (
+            curve(RISING, last_train_loss=1.0),
+            "Unstable training rather than overfitting: the validation loss is 60% above its "
+            "minimum (lowest at epoch 2 of 5), but the training loss rose too; "
+            "train/validation accuracy gap 6.2 points.",
+        ),
+        (
+            curve([0.8, 0.7, 0.7, 0.625, 1.00003]),
+            "Possible overfitting, too early to tell: the validation loss is 60% above its "
+            "minimum (lowest at epoch 4 of 5), 1 epoch(s) after it (the verdict needs 2) while "
+            "the training loss fell; train/validation accuracy gap 6.2 points.",
+        ),
+        (
+            curve(WITHIN),
+            "No clear overfitting: validation loss is within 10% of its minimum (9% above, "
+            "lowest at epoch 2 of 5); train/validation accuracy gap 6.2 points.",
+        ),
+        (
+            [{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": None}],
+            "not assessed: the run had no validation set.",
+        ),
+    ],
+)
+def test_each_verdict_reads_exactly(rows: list[dict[str, Any]], text: str):
+    assert overfitting_verdict(rows)["verdict"] == text
