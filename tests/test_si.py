@@ -657,3 +657,33 @@ def test_more_than_eight_default_blocks_per_side_match_a_chunked_run():
     assert separation_index(features, labels, dtype=torch.float64) == separation_index(
         features, labels, dtype=torch.float64, chunk_size=500
     )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"order": 0}, "order must be an integer in [1, N - 1 = 9]"),
+        ({"order": 10}, "order must be an integer in [1, N - 1 = 9]"),
+        ({"order": True}, "order must be an integer in [1, N - 1 = 9]"),  # not a number here
+        ({"order": 2.0}, "order must be an integer in [1, N - 1 = 9]"),
+        ({"chunk_size": 0}, "chunk_size must be a positive number of rows"),
+    ],
+)
+def test_bad_order_and_chunk_are_named_in_full(kwargs, message):
+    with pytest.raises(ValueError) as raised:
+        separation_index(torch.randn(10, 3), torch.arange(10) % 2, **kwargs)
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("tolerance", [-0.01, math.nan, math.inf])
+def test_the_keep_rule_names_a_bad_tolerance(tolerance):
+    with pytest.raises(ValueError) as raised:
+        kept_prefix([0.5, 0.6], tolerance)
+    assert str(raised.value) == f"tolerance must be >= 0, got {tolerance}"
+
+
+def test_the_naive_selection_reports_progress_too():
+    features, labels = random_data(20, (3,), classes=2, seed=42)
+    calls = []
+    select_features_naive(features, labels, progress=lambda done, total: calls.append(done))
+    assert calls == [1, 2, 3]
