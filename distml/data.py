@@ -14,6 +14,8 @@ the same augmentation, and a resumed run sees the same data as an uninterrupted 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -188,8 +190,8 @@ def load_cifar10(data_dir: Path) -> ImageDataset:
     data_dir = Path(data_dir)
     check_data_dir(data_dir)
     cache = data_dir / CIFAR10_CACHE
-    if cache.exists():
-        return read_dataset_file(cache)
+    if cache.exists():  # named like a fresh download, so reports say "cifar10" every time
+        return dataclasses.replace(read_dataset_file(cache), name="cifar10")
     created = outermost_missing(data_dir)
     existing = set() if created is not None else set(data_dir.iterdir())
     try:
@@ -251,10 +253,12 @@ def remove_created(data_dir: Path, created: Path | None, existing: set[Path]) ->
         shutil.rmtree(created, ignore_errors=True)
         return
     for entry in set(data_dir.iterdir()) - existing:
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        # best effort: what could not be removed must not hide why the download failed
+        with contextlib.suppress(OSError):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink()
 
 
 def make_synthetic(

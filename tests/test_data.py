@@ -169,46 +169,73 @@ def test_readme_numpy_recipe(tmp_path: Path):
     assert read_dataset_file(path).classes == ["cat", "dog", "bird"]
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"train_images": torch.zeros(4, 32, 32, 3, dtype=torch.float32)}, "must be uint8"),
-        ({"train_labels": torch.zeros(7, dtype=torch.int64)}, "7 entries for 4 images"),
-        ({"train_labels": torch.full((4,), 12, dtype=torch.int64)}, "must lie in 0..9"),
-        ({"test_labels": torch.zeros(2, dtype=torch.int32)}, "must be int64"),
-    ],
-)
-def test_bad_dataset_tensors_are_named(tmp_path: Path, change, message):
-    from distml.checkpoint import save_tensors
-
-    tensors = {
-        "train_images": torch.zeros(4, 32, 32, 3, dtype=torch.uint8),
-        "train_labels": torch.zeros(4, dtype=torch.int64),
-        "test_images": torch.zeros(2, 32, 32, 3, dtype=torch.uint8),
-        "test_labels": torch.zeros(2, dtype=torch.int64),
-    } | change
-    path = tmp_path / "bad.safetensors"
-    save_tensors(path, tensors, {"classes": '["a","b","c","d","e","f","g","h","i","j"]'})
-    with pytest.raises(DistmlError, match=message):
-        read_dataset_file(path)
+def marker_dataset(count: int) -> ImageDataset:
+    """``count`` black images with one white pixel at row 10, column 5."""
+    images = torch.zeros(count, 32, 32, 3, dtype=torch.uint8)
+    images[:, 10, 5, :] = 255
+    labels = torch.arange(count) % 10
+    return ImageDataset(images, labels, images[:2], labels[:2], [str(k) for k in range(10)], "m")
 
 
-def test_missing_and_damaged_dataset_files(tmp_path: Path):
-    with pytest.raises(DistmlError, match="does not exist"):
-        read_dataset_file(tmp_path / "nope.safetensors")
-    junk = tmp_path / "junk.safetensors"
-    junk.write_bytes(b"not a safetensors file at all" * 3)
-    with pytest.raises(DistmlError, match="cannot be read as safetensors"):
-        read_dataset_file(junk)
+def marker_positions(loader: TrainBatches) -> set[tuple[int, int]]:
+    positions = set()
+    for ((x, _),) in loader.epoch(0):
+        for image in x:
+            rows, cols = torch.nonzero(image[0] > 0.5, as_tuple=True)
+            assert len(rows) == 1  # the pixel moves, it is never cropped away or doubled
+            positions.add((int(rows[0]), int(cols[0])))
+    return positions
 
 
-def test_cifar10_offline_says_where_to_put_the_archive(tmp_path: Path, monkeypatch):
-    import torchvision.datasets
+def test_crops_shift_by_up_to_the_padding_each_way_and_half_the_images_flip():
+    """Like torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip: every offset from
+    -4 to +4 on each axis occurs, and a flipped image mirrors its columns."""
+    dataset = marker_dataset(288)
+    plain = marker_positions(batches_for(1, 0, 1, dataset, augment=False))
+    assert plain == {(10, 5)}
+    moved = marker_positions(batches_for(1, 0, 1, dataset))
+    rows = {r for r, _ in moved}
+    assert rows == set(range(6, 15))  # row 10 shifted by -4..+4
+    unflipped = {c for _, c in moved if c < 16}
+    flipped = {c for _, c in moved if c >= 16}
+    assert unflipped == set(range(1, 10))  # column 5 shifted by -4..+4
+    assert flipped == {31 - c for c in range(1, 10)}  # the same, mirrored
 
-    def offline(*args, **kwargs):
-        raise OSError("network is unreachable")
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+def test_batches_come_as_the_model_wants_them():
+    dataset = make_synthetic(32, 10)
+    (x, y), *_ = next(batches_for(1, 0, 1, dataset).epoch(0))
+    assert x.dtype == torch.float32 and x.shape == (16, 3, 32, 32) and x.is_contiguous()
+    assert y.dtype == torch.int64
+    loader = batches_for(1, 0, 1, dataset)
+    loader.channels_last = True
+    (x, _), *_ = next(loader.epoch(0))
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def test_a_training_split_smaller_than_one_batch_or_a_batch_that_does_not_split():
+    assert batches_for(1, 0, 1, make_synthetic(16, 10)).steps_per_epoch == 1
     with pytest.raises(DistmlError) as err:
-        load_dataset(DataSettings(dataset="cifar10", data_dir=tmp_path))
-    assert "cifar-10-python.tar.gz" in str(err.value) and str(tmp_path) in str(err.value)
+        batches_for(1, 0, 1, make_synthetic(15, 10))
+    assert str(err.value) == (
+        "the training split has 15 images, fewer than one batch of 16; lower --batch-size or "
+        "use more data."
+    )
+    with pytest.raises(DistmlError, match="batch size 16 cannot be split evenly over 3 rank"):
+        batches_for(3, 0, 1, make_synthetic(48, 10))
+
+
+def test_eval_batches_without_ranks_are_the_whole_split_in_order_normalised():
+    dataset = make_synthetic(20, 11)
+    images = to_device_nchw(dataset.test_images, "cpu")
+    norm = Normalize(channel_stats(dataset.train_images), torch.device("cpu"))
+    batches = list(eval_batches(images, dataset.test_labels, normalize=norm, batch_size=4))
+    assert [len(y) for _, y in batches] == [4, 4, 3]
+    assert torch.equal(torch.cat([x for x, _ in batches]), norm(images))
+    assert torch.equal(torch.cat([y for _, y in batches]), dataset.test_labels)
+    assert all(x.is_contiguous() for x, _ in batches)
+    last = list(eval_batches(images, dataset.test_labels, normalize=norm, batch_size=4,
+                             rank=1, world_size=2, channels_last=True))  # fmt: skip
+    assert torch.equal(torch.cat([y for _, y in last]), dataset.test_labels[6:])
+    assert torch.equal(torch.cat([x for x, _ in last]), norm(images[6:]))
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in last)

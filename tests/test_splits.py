@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from distml.data import ImageDataset, make_splits
+from distml.data import ImageDataset, balanced_indices, make_splits
 
 
 def numbered_dataset(count: int, classes: int = 10) -> ImageDataset:
@@ -29,6 +29,7 @@ def numbered_dataset(count: int, classes: int = 10) -> ImageDataset:
         (150, 0.3, 45),  # 44.99999999999999 in floating point
         (155, 0.3, 46),  # 46.5: to the even neighbour, as Python rounds
         (199, 0.5, 100),  # 99.5
+        (10, 0.1, 1),  # a single validation image
         (40, 0.0, 0),
     ],
 )
@@ -53,3 +54,32 @@ def test_split_depends_on_the_seed_only():
     first = make_splits(dataset, 0.25, seed=1).val_images[:, 0, 0, 0].tolist()
     assert make_splits(dataset, 0.25, seed=1).val_images[:, 0, 0, 0].tolist() == first
     assert make_splits(dataset, 0.25, seed=2).val_images[:, 0, 0, 0].tolist() != first
+
+
+def test_split_names_its_images_and_labels():
+    splits = make_splits(numbered_dataset(60), 0.25, seed=0)
+    for name in ("train", "val", "test"):
+        images, labels = splits.split(name)
+        assert images is getattr(splits, f"{name}_images")
+        assert labels is getattr(splits, f"{name}_labels")
+
+
+def test_a_class_that_runs_out_is_topped_up_by_the_others():
+    """Classes of 7, 1 and 20 images, 18 wanted: 6 each is asked first, the class of 1 gives
+    its one, the 5 left go to the other two until the class of 7 runs out too."""
+    labels = torch.tensor([0] * 7 + [1] * 1 + [2] * 20)
+    chosen = balanced_indices(labels, 18, seed=0)
+    assert len(chosen) == len(set(chosen.tolist())) == 18
+    assert torch.bincount(labels[chosen], minlength=3).tolist() == [7, 1, 10]
+    everything = balanced_indices(labels, 40, seed=0)  # more than there is: all of it
+    assert everything.tolist() == list(range(28))
+
+
+def test_which_classes_get_one_more_depends_on_the_seed_alone():
+    labels = torch.arange(100) % 10
+    picks = []
+    for global_seed in (0, 1, 2):
+        torch.manual_seed(global_seed)  # the global generator plays no part
+        picks.append(torch.bincount(labels[balanced_indices(labels, 13, seed=5)]).tolist())
+    assert picks[0] == picks[1] == picks[2]
+    assert sorted(picks[0]) == [1] * 7 + [2] * 3

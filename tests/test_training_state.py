@@ -197,6 +197,58 @@ def test_local_random_states_on_the_cpu_are_the_cpu_generator_alone():
     assert torch.equal(states["cpu"], torch.get_rng_state())
 
 
+class FakeCudaRng:
+    """torch.cuda's RNG calls, recorded: the GPU branches run on a machine without a GPU."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.set: list[tuple[list[float], object]] = []
+        monkeypatch.setattr(torch.cuda, "get_rng_state", self.get_rng_state)
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set_rng_state)
+
+    @staticmethod
+    def get_rng_state(device: object) -> torch.Tensor:
+        index = device.index if isinstance(device, torch.device) else device
+        return torch.tensor([float(index)])  # a state that names the GPU it came from
+
+    def set_rng_state(self, state: torch.Tensor, device: object) -> None:
+        self.set.append((state.tolist(), device))
+
+
+def test_local_random_states_on_a_gpu_name_its_own_gpu_and_each_dataparallel_replica(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    from distml.checkpoint import local_rng_states
+
+    FakeCudaRng(monkeypatch)
+    states = local_rng_states(torch.device("cuda", 3), replicas=[4, 5])
+    assert list(states) == ["cpu", "cuda", "cuda-replica4", "cuda-replica5"]
+    assert torch.equal(states["cpu"], torch.get_rng_state())
+    assert [states[k].item() for k in list(states)[1:]] == [3.0, 4.0, 5.0]
+    assert list(local_rng_states(torch.device("cuda", 0))) == ["cpu", "cuda"]
+
+
+def test_each_rank_restores_its_own_gpu_and_replica_states_on_a_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    cuda = FakeCudaRng(monkeypatch)
+    torch.manual_seed(7)
+    cpu1 = torch.get_rng_state()
+    state = TrainingState(
+        model={}, best=None, optimizer={}, scheduler={}, scaler=None,
+        rng={
+            "cpu.0": torch.get_rng_state(), "cuda.0": torch.tensor([10.0]),
+            "cpu.1": cpu1, "cuda.1": torch.tensor([11.0]),
+            "cuda-replica2.1": torch.tensor([12.0]), "cuda-replica3.0": torch.tensor([13.0]),
+        },
+        loop={}, world_size=2,
+    )  # fmt: skip
+    torch.manual_seed(99)
+    device = torch.device("cuda", 1)
+    state.restore_rng(1, device)
+    assert cuda.set == [([11.0], device), ([12.0], 2)]  # rank 1's GPU, then its replica GPU 2
+    assert torch.equal(torch.get_rng_state(), cpu1)
+
+
 def test_a_state_sent_as_bytes_reads_like_the_file(tmp_path: Path):
     from distml.checkpoint import training_state_from_bytes
 
