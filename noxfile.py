@@ -58,7 +58,26 @@ MUTATION_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "tests/test_compress.py::test_keep_rule_refuses_bad_input",
         ),
     ),
-    "compress": (("*",), ("tests/test_compress.py",)),
+    # compress: the exact channel slicing and its plan, against the slicing tests (the
+    # commands' orchestration, prune_checkpoint and friends, is reached only by CLI runs of a
+    # trained VGG16: tens of seconds per mutant; test_compress.py's CLI tests guard it)
+    "compress": (
+        (
+            "x_unknown_layer__*",
+            "x_residual_problem__*",
+            "x_plan_slice__*",
+            "x_slice_feature_state__*",
+            "x_slice_channels__*",
+        ),
+        (
+            "tests/test_compress.py::test_sliced_model_computes_the_kept_channels_exactly",
+            "tests/test_compress.py::test_downstream_layers_read_the_sliced_inputs",
+            "tests/test_compress.py::test_slicing_twice_records_the_original_channel_indices",
+            "tests/test_compress.py::test_slicing_refuses_what_it_cannot_do_exactly",
+            "tests/test_compress.py::test_the_layers_next_to_a_residual_unit_that_can_be_sliced",
+            "tests/test_compress.py::test_slicing_refuses_a_bad_channel_list",
+        ),
+    ),
     # the loop: the schedule, the epoch's steps, its host sync and the non-finite watch,
     # against the fast loop tests alone (test_loop.py drives train_epoch directly; the CLI
     # runs of test_schedule.py and test_best_model.py would cost minutes per mutant)

@@ -198,25 +198,66 @@ def test_slicing_twice_records_the_original_channel_indices():
     assert twice_spec.kept_channels["conv2_2"] == [1, 9]
 
 
+NORM = (
+    "this model uses {} norm, which normalises over groups of channels: removing channels "
+    "would change the values of the kept ones. Channel selection needs batch, instance or no "
+    "normalisation (train with --norm batch)."
+)
+RESIDUAL_FIX = (
+    ". Select features of one of stem, stage2, pool2, stage3, pool3 (--layer), or cut the "
+    "network before its residual units first (distml prune)."
+)
+FEEDS = (
+    "stage1 feeds the residual unit stage1_res1, whose sum x + f(x) needs all of its input "
+    "channels" + RESIDUAL_FIX
+)
+VGG_NAMES = (
+    "conv1_1, conv1_2, pool1, conv2_1, conv2_2, pool2, conv3_1, conv3_2, conv3_3, pool3, "
+    "conv4_1, conv4_2, conv4_3, pool4, conv5_1, conv5_2, conv5_3, pool5"
+)
+
+
 @pytest.mark.parametrize(
     ("spec", "layer", "message"),
     [
-        (ModelSpec(arch="vgg16", num_classes=10, width=0.125, norm="group"), "conv2_1", "group"),
-        (ModelSpec(arch="vgg16", num_classes=10, width=0.125, norm="layer"), "conv2_1", "layer"),
-        (ModelSpec(arch="cnn", num_classes=10, width=0.125, depth=5), "stage1", "feeds the"),
-        (ModelSpec(arch="cnn", num_classes=10, width=0.125, depth=5), "pool1", "feeds the"),
-        (ModelSpec(arch="cnn", num_classes=10, width=0.125, depth=5), "stage1_res1", "sum"),
-        (ModelSpec(arch="vgg16", num_classes=10, width=0.125), "conv9_9", "conv1_1, conv1_2"),
-        (
-            ModelSpec(arch="vgg16", num_classes=10, width=0.125, num_feature_layers=4),
-            "conv5_1",
-            "cut away",
-        ),
+        (ModelSpec(arch="vgg16", num_classes=10, width=0.125, norm="group"), "conv2_1",
+         NORM.format("group")),
+        (ModelSpec(arch="vgg16", num_classes=10, width=0.125, norm="layer"), "conv2_1",
+         NORM.format("layer")),
+        (ModelSpec(arch="cnn", num_classes=10, width=0.125, depth=5), "stage1", FEEDS),
+        # a pool's channels are its conv's: the conv is named
+        (ModelSpec(arch="cnn", num_classes=10, width=0.125, depth=5), "pool1", FEEDS),
+        (ModelSpec(arch="cnn", num_classes=10, width=0.125, depth=5), "stage1_res1",
+         "the channels of stage1_res1 are a residual sum x + f(x); removing some would change "
+         "the kept ones" + RESIDUAL_FIX),
+        (ModelSpec(arch="vgg16", num_classes=10, width=0.125), "conv9_9",
+         f"layer 'conv9_9' does not exist in this model. Its feature layers are: {VGG_NAMES}. "
+         "Pass one of them to --layer."),
+        (ModelSpec(arch="vgg16", num_classes=10, width=0.125, num_feature_layers=4), "conv5_1",
+         "layer 'conv5_1' does not exist in this model (it was cut away by distml prune). Its "
+         "feature layers are: conv1_1, conv1_2, pool1, conv2_1. Pass one of them to --layer."),
     ],
-)
+)  # fmt: skip
 def test_slicing_refuses_what_it_cannot_do_exactly(spec, layer, message):
-    with pytest.raises(DistmlError, match=message):
+    with pytest.raises(DistmlError) as err:
         plan_slice(spec, layer)
+    assert str(err.value) == message
+
+
+def test_the_layers_next_to_a_residual_unit_that_can_be_sliced():
+    spec = ModelSpec(arch="cnn", num_classes=10, width=0.125, depth=5)
+    assert plan_slice(spec, "stem") == compress.SlicePlan("stem", "stem", "stage1", 8)
+    assert plan_slice(spec, "stage2") == compress.SlicePlan("stage2", "stage2", "stage3", 32)
+    assert plan_slice(spec, "pool3") == compress.SlicePlan("pool3", "stage3", None, 64)
+
+
+@pytest.mark.parametrize("keep", [[], [2, 1], [1, 1], [-1, 2], [0, 8]], ids=str)
+def test_slicing_refuses_a_bad_channel_list(keep):
+    spec = ModelSpec(arch="vgg16", num_classes=10, width=0.125)
+    plan = plan_slice(spec, "conv1_1")  # 8 channels
+    with pytest.raises(ValueError) as err:
+        slice_channels(random_checkpoint(spec), plan, keep, seed=0)
+    assert str(err.value) == "keep must be ascending unique channels in [0, 8)"
 
 
 # ----------------------------------------------------------------------------- distml si

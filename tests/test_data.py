@@ -75,7 +75,14 @@ def test_batched_crop_and_flip_match_a_per_image_reference():
         assert torch.equal(out[i], reference_crop_flip(images[i], shifts[i], bool(flips[i])))
 
 
-def batches_for(world: int, rank: int, accum: int, dataset: ImageDataset, augment: bool = True):
+def batches_for(
+    world: int,
+    rank: int,
+    accum: int,
+    dataset: ImageDataset,
+    augment: bool = True,
+    channels_last: bool = False,
+):
     stats = channel_stats(dataset.train_images)
     device = torch.device("cpu")
     return TrainBatches(
@@ -89,6 +96,7 @@ def batches_for(world: int, rank: int, accum: int, dataset: ImageDataset, augmen
         augment=augment,
         seed=5,
         device=device,
+        channels_last=channels_last,
     )
 
 
@@ -207,9 +215,7 @@ def test_batches_come_as_the_model_wants_them():
     (x, y), *_ = next(batches_for(1, 0, 1, dataset).epoch(0))
     assert x.dtype == torch.float32 and x.shape == (16, 3, 32, 32) and x.is_contiguous()
     assert y.dtype == torch.int64
-    loader = batches_for(1, 0, 1, dataset)
-    loader.channels_last = True
-    (x, _), *_ = next(loader.epoch(0))
+    (x, _), *_ = next(batches_for(1, 0, 1, dataset, channels_last=True).epoch(0))
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
@@ -239,3 +245,27 @@ def test_eval_batches_without_ranks_are_the_whole_split_in_order_normalised():
     assert torch.equal(torch.cat([y for _, y in last]), dataset.test_labels[6:])
     assert torch.equal(torch.cat([x for x, _ in last]), norm(images[6:]))
     assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in last)
+
+
+def test_an_epoch_started_mid_way_yields_the_rest_of_the_same_epoch():
+    """--resume from a mid-epoch save: the steps left, with the same images and crops."""
+    loader = batches_for(1, 0, 1, make_synthetic(96, 10))
+    whole = list(loader.epoch(3))
+    rest = list(loader.epoch(3, start_step=4))
+    assert len(whole) == 6 and len(rest) == 2
+    for (a,), (b,) in zip(whole[4:], rest, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_channel_stats_over_many_chunks_match_float64_numpy():
+    """More images than one 4,096-image chunk, not square: every chunk counts, and the
+    variance is computed in float64 (float32 loses digits on a full CIFAR-10)."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (9000, 2, 3, 3), dtype=np.uint8)
+    images[:4096] //= 2  # the first chunk differs from the rest
+    stats = channel_stats(torch.from_numpy(images))
+    pixels = images.reshape(-1, 3).astype(np.float64) / 255
+    np.testing.assert_allclose(stats["mean"], pixels.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats["std"], pixels.std(0), rtol=1e-9)
