@@ -60,8 +60,10 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path):
 
 
 def test_missing_truncated_foreign_and_damaged(tmp_path: Path):
-    with pytest.raises(DistmlError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.safetensors")
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(DistmlError) as err:
+        load_checkpoint(missing)
+    assert str(err.value) == f"checkpoint {missing} does not exist. Check the path."
 
     good = tmp_path / "good.safetensors"
     make_checkpoint(good)
@@ -77,8 +79,17 @@ def test_missing_truncated_foreign_and_damaged(tmp_path: Path):
 
     foreign = tmp_path / "foreign.safetensors"
     save_file({"weight": torch.zeros(3)}, str(foreign))
-    with pytest.raises(DistmlError, match="not a distml checkpoint"):
+    with pytest.raises(DistmlError) as err:
         load_checkpoint(foreign)
+    assert str(err.value) == (
+        f"checkpoint {foreign} is a safetensors file but not a distml checkpoint (its metadata "
+        "has no distml model spec). Use a file written by `distml train` (best.safetensors, "
+        "last.safetensors or --save)."
+    )
+
+    with pytest.raises(DistmlError) as err:
+        load_checkpoint(tmp_path)
+    assert str(err.value) == f"checkpoint {tmp_path} is not a file."
 
     damaged = tmp_path / "damaged.safetensors"
     save_file(
@@ -108,6 +119,55 @@ def test_tensors_that_do_not_fit_the_spec(tmp_path: Path):
         model_from_checkpoint(load_checkpoint(other))
 
 
+def damaged_copy(tmp_path: Path, change: dict[str, str | None], extra_tensor: bool = False) -> Path:
+    """A good checkpoint written again with its metadata changed (None: a key removed)."""
+    good = tmp_path / "good.safetensors"
+    make_checkpoint(good)
+    ckpt = load_checkpoint(good)
+    meta = {
+        "format": "distml-checkpoint",
+        "model_spec": ckpt.spec.model_dump_json(),
+        "classes": json.dumps(ckpt.classes),
+        "normalization": json.dumps(ckpt.normalization),
+    } | change
+    tensors = ckpt.state | ({"extra.weight": torch.zeros(2)} if extra_tensor else {})
+    path = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(path), metadata={k: v for k, v in meta.items() if v is not None})
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"classes": None}, "KeyError: 'classes'"),
+        ({"normalization": None}, "KeyError: 'normalization'"),
+        ({"classes": '{"a": 1}'},
+         "ValueError: metadata 'classes' must be a JSON list, not {'a': 1}"),
+        ({"normalization": "null"},  # null where an object belongs is damage
+         "ValueError: metadata 'normalization' must be a JSON dict, not None"),
+        ({"extra": "[1, 2]"}, "ValueError: metadata 'extra' must be a JSON dict, not [1, 2]"),
+    ],
+)  # fmt: skip
+def test_damaged_metadata_names_the_field(tmp_path: Path, change, why):
+    path = damaged_copy(tmp_path, change)
+    with pytest.raises(DistmlError) as err:
+        load_checkpoint(path)
+    assert str(err.value) == (
+        f"checkpoint {path} has damaged distml metadata ({why}). Write it again with "
+        "`distml train`."
+    )
+
+
+def test_a_tensor_the_model_does_not_have_is_refused(tmp_path: Path):
+    path = damaged_copy(tmp_path, {}, extra_tensor=True)
+    with pytest.raises(DistmlError) as err:
+        model_from_checkpoint(load_checkpoint(path))
+    assert str(err.value) == (
+        f"checkpoint {path}: its tensors do not fit its own model spec (Unexpected key(s) in "
+        'state_dict: "extra.weight".). The file was changed by another tool or is damaged.'
+    )
+
+
 def test_written_files_get_the_usual_permissions(tmp_path: Path):
     import os
     import stat
@@ -117,3 +177,40 @@ def test_written_files_get_the_usual_permissions(tmp_path: Path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def test_a_newer_format_is_refused_and_the_own_format_is_written(tmp_path: Path):
+    from safetensors import safe_open
+
+    from distml import __version__
+    from distml.checkpoint import CHECKPOINT_VERSION
+
+    good = tmp_path / "good.safetensors"
+    make_checkpoint(good)
+    with safe_open(str(good), framework="pt") as handle:
+        meta = handle.metadata()
+    assert (meta["format"], meta["format_version"]) == ("distml-checkpoint", "1")
+    assert CHECKPOINT_VERSION == 1
+    path = damaged_copy(tmp_path, {"format_version": "2"})
+    with pytest.raises(DistmlError) as err:
+        load_checkpoint(path)
+    assert str(err.value) == (
+        f"checkpoint {path} has format version 2, newer than this distml ({__version__}) reads; "
+        "upgrade distml."
+    )
+    older = load_checkpoint(damaged_copy(tmp_path, {"format_version": None}))
+    assert older.distml_version == "unknown"  # a file that does not say which distml wrote it
+
+
+def test_settings_metrics_and_extra_that_json_cannot_hold_are_written_as_text(tmp_path: Path):
+    spec = ModelSpec(arch="cnn", num_classes=10, width=0.125, depth=4)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, build_model(spec), Checkpoint(
+        spec=spec, state={}, classes=[str(i) for i in range(10)], normalization={},
+        settings={"data": {"data_dir": Path("data/cifar")}},
+        metrics={"device": torch.device("cpu")}, extra={"origin": Path("best.safetensors")},
+    ))  # fmt: skip
+    ckpt = load_checkpoint(path)
+    assert ckpt.settings == {"data": {"data_dir": "data/cifar"}}
+    assert ckpt.metrics == {"device": "cpu"}
+    assert ckpt.extra == {"origin": "best.safetensors"}

@@ -242,6 +242,8 @@ def test_each_rank_restores_its_own_gpu_and_replica_states_on_a_gpu(
         },
         loop={}, world_size=2,
     )  # fmt: skip
+    state.restore_rng(1, torch.device("cpu"))  # a CPU run leaves every GPU alone
+    assert cuda.set == []
     torch.manual_seed(99)
     device = torch.device("cuda", 1)
     state.restore_rng(1, device)
@@ -265,6 +267,11 @@ def test_a_state_sent_as_bytes_reads_like_the_file(tmp_path: Path):
     assert sent.scheduler == from_file.scheduler
     assert all(torch.equal(sent.model[k], v) for k, v in from_file.model.items())
     assert torch.equal(sent.rng["cpu.0"], from_file.rng["cpu.0"])
+    foreign = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(DistmlError) as caught:
+        training_state_from_bytes(foreign.read_bytes(), path)
+    assert str(caught.value) == f"{path} is not a distml training state (state.safetensors)."
     with pytest.raises(DistmlError) as caught:
         training_state_from_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}", path)
     assert str(caught.value).startswith(f"training state {path} cannot be read as safetensors (")
@@ -309,6 +316,7 @@ def test_a_missing_state_file_is_named(tmp_path: Path):
         ("1 validation error for ModelSpec\nwidth\n  Input should be > 0",
          "width; Input should be > 0"),
         ("one line that ends with a colon:", "one line that ends with a colon:"),
+        ("a heading:\nthe key", "the key"),  # two lines: the heading still goes
         ("first\nsecond\nthird", "first; second"),
         ("  \n padded \n", "padded"),
         ("", "ValueError"),
