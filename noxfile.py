@@ -76,6 +76,7 @@ MUTATION_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "tests/test_compress.py::test_slicing_refuses_what_it_cannot_do_exactly",
             "tests/test_compress.py::test_the_layers_next_to_a_residual_unit_that_can_be_sliced",
             "tests/test_compress.py::test_slicing_refuses_a_bad_channel_list",
+            "tests/test_compress.py::test_keeping_every_channel_keeps_the_trained_head",
         ),
     ),
     # the loop: the schedule, the epoch's steps, its host sync and the non-finite watch,

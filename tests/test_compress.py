@@ -251,7 +251,25 @@ def test_the_layers_next_to_a_residual_unit_that_can_be_sliced():
     assert plan_slice(spec, "pool3") == compress.SlicePlan("pool3", "stage3", None, 64)
 
 
-@pytest.mark.parametrize("keep", [[], [2, 1], [1, 1], [-1, 2], [0, 8]], ids=str)
+def test_keeping_every_channel_keeps_the_trained_head():
+    """Only a model whose feature width changed needs a new head: keeping all the channels
+    gives the original network back, logits and all."""
+    spec = ModelSpec(arch="vgg16", num_classes=10, width=0.125)
+    ckpt = random_checkpoint(spec)
+    plan = plan_slice(spec, "conv5_3")
+    sliced, _ = slice_channels(ckpt, plan, list(range(plan.channels)), seed=1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model_from_checkpoint(ckpt).eval()(x)
+        torch.testing.assert_close(sliced.eval()(x), expected, rtol=1e-6, atol=1e-6)
+    fewer, _ = slice_channels(ckpt, plan, list(range(plan.channels - 1)), seed=1)
+    original_head = {k: v for k, v in ckpt.state.items() if k.startswith("head.")}
+    new_head = {f"head.{k}": v for k, v in fewer.head.state_dict().items()}
+    assert new_head.keys() == original_head.keys()
+    assert not any(torch.equal(new_head[k], v) for k, v in original_head.items() if v.ndim > 1)
+
+
+@pytest.mark.parametrize("keep", [[], [2, 1], [1, 1], [-1, 2], [0, 8], [0, 1, 8]], ids=str)
 def test_slicing_refuses_a_bad_channel_list(keep):
     spec = ModelSpec(arch="vgg16", num_classes=10, width=0.125)
     plan = plan_slice(spec, "conv1_1")  # 8 channels
