@@ -9,6 +9,7 @@ totals must agree. The schedule's expected values are written from the README's 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -19,7 +20,15 @@ import torch
 from distml.config import TrainConfig
 from distml.dist import RunContext
 from distml.errors import TrainingDiverged
-from distml.train import CHECK_EVERY, LoopState, NonFiniteWatch, lr_factor, prepare, train_epoch
+from distml.train import (
+    CHECK_EVERY,
+    HostSync,
+    LoopState,
+    NonFiniteWatch,
+    lr_factor,
+    prepare,
+    train_epoch,
+)
 
 CPU = RunContext("single", 0, 0, 1, torch.device("cpu"), None)
 
@@ -235,7 +244,9 @@ def test_non_finite_losses_stop_the_run_after_the_patience():
         for p in session.params:
             p.fill_(float("nan"))
     loop = LoopState()
-    with pytest.raises(TrainingDiverged, match="not finite for 3 consecutive steps"):
+    with pytest.raises(
+        TrainingDiverged, match=r"for 3 consecutive steps \(up to step 3 of epoch 1\)"
+    ):
         run_epoch(session, loop, cfg, watch=Watch(patience=3))
 
 
@@ -319,3 +330,65 @@ def test_onecycle_with_the_whole_run_as_warm_up():
 def test_no_schedule_keeps_the_rate():
     cfg = schedule("none")
     assert {lr_factor(s, cfg, 7) for s in range(0, 200, 13)} == {1.0}
+
+
+def test_the_non_finite_watch_counts_consecutive_steps_across_calls_and_names_the_step():
+    nan = float("nan")
+    watch = NonFiniteWatch(patience=3)
+    watch.check([0.5, nan, nan], epoch=3, first_step=10)  # a run of 2: not yet
+    assert watch.run == 2
+    with pytest.raises(TrainingDiverged) as err:
+        watch.check([float("inf"), 0.1], epoch=3, first_step=13)  # the 3rd is step 14
+    assert str(err.value) == (
+        "the training loss was not finite for 3 consecutive steps (up to step 14 of epoch 3). "
+        "The run stopped; the last good checkpoint is kept. Lower --lr, add warm-up, or use "
+        "--precision bf16-mixed / 32."
+    )
+    fresh = NonFiniteWatch(patience=2)
+    fresh.check([nan, 1.0, nan], epoch=1, first_step=0)  # a finite step resets the count
+    assert fresh.run == 1
+
+
+def test_a_resumed_epochs_totals_are_carried_by_rank_0_alone_and_counted_exactly():
+    """Every sync sums the totals over the ranks; a resumed epoch's earlier totals (in the
+    loop state every rank loads) must enter that sum once, from rank 0. Counts stay exact
+    past 2**24 images (float32 would round 16,777,217 down)."""
+    loop = LoopState(step=4, totals=[2.5, 30.0, 16_777_217.0])
+    for rank, expected in ((0, [2.5, 30.0, 16_777_217.0]), (1, [0.0, 0.0, 0.0])):
+        ctx = RunContext("ddp", rank, rank, 2, torch.device("cpu"), "gloo")
+        sync = HostSync(ctx, loop, NonFiniteWatch(3), Stop(), Task(), steps=10)
+        assert sync.totals.tolist() == expected
+
+
+class RecordsNoSync(torch.nn.Module):
+    """DDP's ``no_sync()`` around a model: records, per forward pass, whether it ran inside
+    ``no_sync`` (DDP then skips the gradient all-reduce of that backward pass)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net, self.inside, self.calls = net, False, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(self.inside)
+        return self.net(x)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+
+
+@pytest.mark.parametrize(("mode", "accum_steps"), [("ddp", 3), ("ddp", 1), ("dp", 2)])
+def test_ddp_all_reduces_the_gradients_once_per_optimizer_step(mode: str, accum_steps: int):
+    """With accumulation, DDP's all-reduce runs on the last micro-step alone (the sum of the
+    micro-steps' gradients is reduced once); other modes have no all-reduce to skip."""
+    cfg = config(accum_steps=accum_steps, batch_size=48)
+    session = prepare(cfg, CPU, None)
+    session.net = RecordsNoSync(session.net)
+    ctx = RunContext(mode, 0, 0, 1, torch.device("cpu"), "gloo" if mode == "ddp" else None)
+    train_epoch(session, LoopState(), cfg, ctx, Watch(), Stop(), Task())
+    per_step = [True] * (accum_steps - 1) + [False] if mode == "ddp" else [False] * accum_steps
+    assert session.net.calls == per_step * session.batches.steps_per_epoch
