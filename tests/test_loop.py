@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -310,7 +311,7 @@ def test_cosine_schedule_from_one_to_zero_and_flat_past_the_end():
 
 @pytest.mark.parametrize(
     ("fraction", "total", "warm"),
-    [(0.25, 40, 10), (0.3, 15, 4), (0.1, 5, 1), (0.01, 10, 1), (0.5, 9, 4)],
+    [(0.25, 40, 10), (0.3, 15, 4), (0.1, 5, 1), (0.01, 10, 1), (0.5, 9, 4), (0.8, 5, 4)],
 )
 def test_onecycle_warms_up_linearly_then_decays_linearly_to_zero(fraction, total, warm):
     # warm = round(fraction * total), at least 1: 4.5 rounds to 4 (banker's), 0.1 -> 1
@@ -392,3 +393,14 @@ def test_ddp_all_reduces_the_gradients_once_per_optimizer_step(mode: str, accum_
     train_epoch(session, LoopState(), cfg, ctx, Watch(), Stop(), Task())
     per_step = [True] * (accum_steps - 1) + [False] if mode == "ddp" else [False] * accum_steps
     assert session.net.calls == per_step * session.batches.steps_per_epoch
+
+
+def test_an_epochs_training_seconds_add_to_those_before_a_resume():
+    """A resumed epoch reports the training time of both sessions (the loop state carries
+    the first session's seconds), and never more than the wall time the loop took."""
+    cfg = config()
+    session = prepare(cfg, CPU, None)
+    loop = LoopState(seconds=100.0)
+    started = time.perf_counter()
+    run_epoch(session, loop, cfg)
+    assert 100.0 < loop.seconds <= 100.0 + (time.perf_counter() - started)
