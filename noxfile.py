@@ -35,7 +35,16 @@ MUTATION_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "config": (
         ("*",),
-        ("tests/test_config.py", "tests/test_precedence.py", "tests/test_settings_messages.py"),
+        (
+            "tests/test_config.py",
+            "tests/test_precedence.py",
+            "tests/test_settings_messages.py",
+            # compare-backends' --sizes (config.parse_size/parse_sizes)
+            "tests/test_comm.py::test_sizes_parse",
+            "tests/test_comm.py::test_sizes_parse_forgivingly",
+            "tests/test_comm.py::test_a_size_that_does_not_parse_is_named",
+            "tests/test_comm.py::test_a_backwards_range_and_no_sizes_are_named",
+        ),
     ),
     "metrics": (
         ("*",),

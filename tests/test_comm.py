@@ -166,6 +166,49 @@ def test_sizes_parse(text, sizes):
 
 
 @pytest.mark.parametrize(
+    ("text", "sizes"),
+    [
+        (" 2 MiB ", [2**21]),  # spaces around the number and the unit
+        ("1kib,1Mb,3gb", [1024, 10**6, 3 * 10**9]),  # units in any case
+        ("1B", [1]),
+        ("4KiB..20KiB", [4096, 8192, 16384]),  # doubling up to at most the last
+        ("1KiB..1KiB", [1024]),
+        ("1KiB..2KiB", [1024, 2048]),  # the last size itself when the doubling reaches it
+        ("2KiB,1KiB,", [1024, 2048]),  # sorted; an empty item is skipped
+    ],
+)
+def test_sizes_parse_forgivingly(text, sizes):
+    assert parse_sizes(text) == sizes
+
+
+@pytest.mark.parametrize(
+    "text", ["4XB", "0", "1.3B", "0.5B", "1.0001KiB", "KiB", "-1KiB", "4 K iB", "1e3B"]
+)
+def test_a_size_that_does_not_parse_is_named(text):
+    with pytest.raises(ValueError) as err:
+        parse_sizes(text)
+    assert str(err.value) == (
+        f"size {text!r} does not parse: give a positive whole number of bytes with a unit B, "
+        "KiB, MiB, GiB (powers of 1024) or KB, MB, GB (powers of 1000), e.g. 4KiB"
+    )
+
+
+def test_a_backwards_range_and_no_sizes_are_named():
+    with pytest.raises(ValueError) as err:
+        parse_sizes("64KiB..4KiB")
+    assert str(err.value) == (
+        "size range '64KiB..4KiB' runs backwards: the first size must be smaller"
+    )
+    with pytest.raises(ValueError) as err:
+        parse_sizes(" , ")
+    assert str(err.value) == (
+        "sizes is empty: give a range like 4KiB..256MiB or a list like 1KiB,1MiB"
+    )
+    with pytest.raises(ValueError, match="size '4XB' does not parse"):
+        parse_sizes("1KiB..4XB")
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ["--nproc", "0"],

@@ -104,3 +104,43 @@ def test_a_config_file_of_another_type_names_the_types_read(tmp_path: Path):
     assert settings_error(config_file=path) == (
         f"config file {path} has an unknown type '.ini': use .toml, .yaml/.yml or .json."
     )
+
+
+KEYS = ["train.epochs", "train.seed", "optim.lr", "sched.lr", "model.width", "data.data_dir"]
+
+
+@pytest.mark.parametrize(
+    ("loc", "meant"),
+    [
+        ("epochs", "train.epochs"),  # the key name alone: the section it lives in
+        ("lr", "optim.lr or sched.lr"),  # in two sections: both, in the settings' order
+        ("train.sub.epochs", "train.epochs"),  # the last part of the dotted name is the key
+        ("train.epohcs", "train.epochs"),  # the closest spelling of the whole key
+        ("trian", "train"),  # or of a section
+        ("x.y.widht", "model.width"),  # else the closest key name, at a higher bar
+        ("q.widxx", None),  # 0.6 alike: below that bar
+        ("zzzz", None),
+    ],
+)
+def test_suggest_key_says_what_a_mistyped_key_most_likely_meant(loc, meant):
+    from distml.config import suggest_key
+
+    assert suggest_key(loc, KEYS) == meant
+
+
+def test_known_sections_are_the_first_parts_of_the_dotted_keys():
+    from distml.config import known_sections
+
+    assert known_sections([*KEYS, "toplevel"]) == ["data", "model", "optim", "sched", "train"]
+
+
+def test_sweep_and_lr_find_results_go_under_artifacts_unless_told():
+    from pathlib import Path
+
+    from distml.config import LrFindSettings, SweepSettings
+
+    assert SweepSettings(plan=Path("plans/bs.toml")).out_dir() == Path("artifacts/sweeps/bs")
+    given = SweepSettings(plan=Path("plans/bs.toml"), out=Path("mine"))
+    assert given.out_dir() == Path("mine")
+    assert LrFindSettings().out_dir() == Path("artifacts/lr-find")
+    assert LrFindSettings(out=Path("lr")).out_dir() == Path("lr")
