@@ -117,6 +117,7 @@ KEYS = ["train.epochs", "train.seed", "optim.lr", "sched.lr", "model.width", "da
         ("train.sub.epochs", "train.epochs"),  # the last part of the dotted name is the key
         ("train.epohcs", "train.epochs"),  # the closest spelling of the whole key
         ("trian", "train"),  # or of a section
+        ("optim.l", "optim.lr"),  # the whole key is close where its name alone ("l") is not
         ("x.y.widht", "model.width"),  # else the closest key name, at a higher bar
         ("q.widxx", None),  # 0.6 alike: below that bar
         ("zzzz", None),
