@@ -10,12 +10,13 @@ from distml.errors import DistmlError
 from distml.files import atomic_write_text
 from distml.models import ModelSpec, build_model
 
+SPEC = ModelSpec(arch="cnn", num_classes=10, width=0.125, depth=4)
+
 
 def make_checkpoint(path: Path) -> torch.nn.Module:
-    spec = ModelSpec(arch="cnn", num_classes=10, width=0.125, depth=4)
-    model = build_model(spec)
+    model = build_model(SPEC)
     meta = Checkpoint(
-        spec=spec,
+        spec=SPEC,
         state={},
         classes=[str(i) for i in range(10)],
         normalization={"mean": [0.5] * 3, "std": [0.25] * 3},
@@ -101,24 +102,6 @@ def test_missing_truncated_foreign_and_damaged(tmp_path: Path):
         load_checkpoint(damaged)
 
 
-def test_tensors_that_do_not_fit_the_spec(tmp_path: Path):
-    path = tmp_path / "m.safetensors"
-    make_checkpoint(path)
-    ckpt = load_checkpoint(path)
-    spec_json = ckpt.spec.model_copy(update={"width": 0.25}).model_dump_json()
-    tensors = ckpt.state
-    meta = {
-        "format": "distml-checkpoint",
-        "model_spec": spec_json,
-        "classes": json.dumps(ckpt.classes),
-        "normalization": json.dumps(ckpt.normalization),
-    }
-    other = tmp_path / "other.safetensors"
-    save_file(tensors, str(other), metadata=meta)
-    with pytest.raises(DistmlError, match="do not fit its own model spec"):
-        model_from_checkpoint(load_checkpoint(other))
-
-
 def damaged_copy(tmp_path: Path, change: dict[str, str | None], extra_tensor: bool = False) -> Path:
     """A good checkpoint written again with its metadata changed (None: a key removed)."""
     good = tmp_path / "good.safetensors"
@@ -156,6 +139,13 @@ def test_damaged_metadata_names_the_field(tmp_path: Path, change, why):
         f"checkpoint {path} has damaged distml metadata ({why}). Write it again with "
         "`distml train`."
     )
+
+
+def test_tensors_that_do_not_fit_the_spec(tmp_path: Path):
+    wider = SPEC.model_copy(update={"width": 0.25}).model_dump_json()
+    other = damaged_copy(tmp_path, {"model_spec": wider})
+    with pytest.raises(DistmlError, match="do not fit its own model spec"):
+        model_from_checkpoint(load_checkpoint(other))
 
 
 def test_a_tensor_the_model_does_not_have_is_refused(tmp_path: Path):
@@ -203,10 +193,9 @@ def test_a_newer_format_is_refused_and_the_own_format_is_written(tmp_path: Path)
 
 
 def test_settings_metrics_and_extra_that_json_cannot_hold_are_written_as_text(tmp_path: Path):
-    spec = ModelSpec(arch="cnn", num_classes=10, width=0.125, depth=4)
     path = tmp_path / "m.safetensors"
-    save_checkpoint(path, build_model(spec), Checkpoint(
-        spec=spec, state={}, classes=[str(i) for i in range(10)], normalization={},
+    save_checkpoint(path, build_model(SPEC), Checkpoint(
+        spec=SPEC, state={}, classes=[str(i) for i in range(10)], normalization={},
         settings={"data": {"data_dir": Path("data/cifar")}},
         metrics={"device": torch.device("cpu")}, extra={"origin": Path("best.safetensors")},
     ))  # fmt: skip

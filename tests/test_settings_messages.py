@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from distml.config import TrainConfig, resolve_settings
+from distml.config import (
+    LrFindSettings,
+    SweepSettings,
+    TrainConfig,
+    known_sections,
+    resolve_settings,
+    suggest_key,
+)
 from distml.errors import SettingsError
 
 
@@ -124,22 +131,14 @@ KEYS = ["train.epochs", "train.seed", "optim.lr", "sched.lr", "model.width", "da
     ],
 )
 def test_suggest_key_says_what_a_mistyped_key_most_likely_meant(loc, meant):
-    from distml.config import suggest_key
-
     assert suggest_key(loc, KEYS) == meant
 
 
 def test_known_sections_are_the_first_parts_of_the_dotted_keys():
-    from distml.config import known_sections
-
     assert known_sections([*KEYS, "toplevel"]) == ["data", "model", "optim", "sched", "train"]
 
 
 def test_sweep_and_lr_find_results_go_under_artifacts_unless_told():
-    from pathlib import Path
-
-    from distml.config import LrFindSettings, SweepSettings
-
     assert SweepSettings(plan=Path("plans/bs.toml")).out_dir() == Path("artifacts/sweeps/bs")
     given = SweepSettings(plan=Path("plans/bs.toml"), out=Path("mine"))
     assert given.out_dir() == Path("mine")
