@@ -1,15 +1,20 @@
 import json
 from pathlib import Path
+from typing import Literal
 
 import pytest
+from pydantic import BaseModel, Field
 
 from distml.config import (
+    CompareBackendsSettings,
     EvalSettings,
+    HeadSettings,
     SelectSettings,
     SiSettings,
     StudySettings,
     TrainConfig,
     find_field,
+    holds_text,
     known_keys,
     parse_assignment,
     read_config_file,
@@ -134,6 +139,61 @@ def test_set_wins_over_flags_for_text_fields():
         TrainConfig, flags={"output.name": "from-flag"}, assignments=["output.name=007"]
     )
     assert settings.output.name == "007"
+
+
+def test_set_without_a_model_reads_json_or_keeps_the_text():
+    assert parse_assignment(" name = 2024 ") == ("name", 2024)
+    assert parse_assignment("name=2024x") == ("name", "2024x")
+
+
+@pytest.mark.parametrize(
+    ("annotation", "text"),
+    [
+        (str, True),
+        (Path, True),
+        (Path | None, True),
+        (Literal["16", "32"], True),
+        (Literal["a", "b"] | None, True),
+        (int, False),
+        (int | None, False),
+        (str | int, False),
+        (Literal[16, 32], False),
+        (list[str], False),
+    ],
+)
+def test_holds_text_is_true_for_text_fields_only(annotation, text):
+    assert holds_text(annotation) is text
+
+
+class Inner(BaseModel):
+    x: int = 1
+
+
+class Mid(BaseModel):
+    inner: Inner = Field(default_factory=Inner)
+
+
+class Outer(BaseModel):
+    mid: Mid = Field(default_factory=lambda: Mid(inner=Inner(x=5)))
+
+
+def test_find_field_gives_each_field_and_the_default_it_has_there():
+    field, default = find_field(TrainConfig, "train.epochs")
+    assert field is TrainConfig.model_fields["train"].annotation.model_fields["epochs"]
+    assert default == TrainConfig().train.epochs
+    # a section's own default wins over its class's: the study's heads train 30 epochs
+    assert HeadSettings().epochs == 0
+    assert find_field(StudySettings, "head.epochs")[1] == 30
+    # two sections deep, and a default made by a factory
+    assert find_field(CompareBackendsSettings, "training.optim.lr")[1] == TrainConfig().optim.lr
+    assert find_field(SiSettings, "splits")[1] == ["train", "test"]
+    assert find_field(TrainConfig, "model")[1] == TrainConfig().model
+    # a required section: the default of its class
+    assert find_field(StudySettings, "training.train.seed")[1] == TrainConfig().train.seed
+    # a default set two sections up wins too
+    assert find_field(Outer, "mid.inner.x")[1] == 5
+    for missing in ["train.nope", "nope.epochs", "train.epochs.x", "optim.lr.x.y"]:
+        assert find_field(TrainConfig, missing) is None
 
 
 def test_every_setting_has_a_description():

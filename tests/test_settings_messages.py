@@ -2,15 +2,20 @@
 dotted key (and its flag), with what is wrong and what was given."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from distml.config import (
     LrFindSettings,
     SweepSettings,
     TrainConfig,
+    check_backend_device,
+    field_problem,
     known_sections,
+    parse_problem,
     resolve_settings,
     suggest_key,
 )
@@ -144,3 +149,115 @@ def test_sweep_and_lr_find_results_go_under_artifacts_unless_told():
     assert given.out_dir() == Path("mine")
     assert LrFindSettings().out_dir() == Path("artifacts/lr-find")
     assert LrFindSettings(out=Path("lr")).out_dir() == Path("lr")
+
+
+def test_a_yaml_problem_is_named_at_its_one_based_line_and_column(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  seed: 3\n  epochs: [1, 2\nmodel: x\n")
+    # the flow sequence opened on line 3 meets "model:" at line 4, column 6
+    assert settings_error(config_file=path) == (
+        f"config file {path} cannot be parsed: expected ',' or ']', but got ':' "
+        "(at line 4, column 6)."
+    )
+
+
+def test_parse_problem_words_what_the_parser_left_unsaid():
+    mark = yaml.Mark("f", 0, line=2, column=0, buffer=None, pointer=None)
+    context_only = yaml.MarkedYAMLError(context="while scanning a quoted scalar", problem_mark=mark)
+    assert parse_problem(context_only) == "while scanning a quoted scalar (at line 3, column 1)"
+    assert parse_problem(yaml.MarkedYAMLError(problem_mark=mark)) == (
+        "syntax error (at line 3, column 1)"
+    )
+    # no place known: the parser's own first line, without its closing full stop
+    unplaced = yaml.MarkedYAMLError(problem="bad indent.")
+    assert parse_problem(unplaced) == "bad indent"
+    assert parse_problem(ValueError(".Invalid value (at line 1, column 5).\nmore")) == (
+        ".Invalid value (at line 1, column 5)"
+    )
+    assert parse_problem(ValueError("Unknown key MAX.")) == "Unknown key MAX"
+    assert parse_problem(yaml.YAMLError()) == "YAMLError"
+
+
+KEYS_BY_SECTION = [
+    "train.epochs",
+    "x.y.a",
+    "x.y.b",
+    "x.y.c",
+    "x.y.d",
+    "x.z",
+    "optim.lr",
+]
+
+
+@pytest.mark.parametrize(
+    ("error", "loc", "problem"),
+    [
+        (
+            {"type": "extra_forbidden", "input": 1},
+            "trian",
+            "unknown setting; did you mean the section train?",
+        ),
+        (
+            {"type": "extra_forbidden", "input": 1},
+            "train.epohcs",
+            "unknown setting; did you mean train.epochs?",
+        ),
+        ({"type": "extra_forbidden", "input": 1}, "zzzz", "unknown setting"),
+        # a section given a value: its first three keys as examples, the nested ones included
+        (
+            {"type": "model_type", "input": 3, "msg": "Input should be an object"},
+            "x.y",
+            "this is a section, not a value; set one of its keys, e.g. x.y.a or x.y.b or x.y.c",
+        ),
+        (
+            {"type": "int_type", "input": {"a": 1}, "msg": "Input should be an integer"},
+            "train.epochs",
+            "this is a single value, not a section; set train.epochs=VALUE",
+        ),
+        (
+            {"type": "greater_than", "input": math.nan, "msg": "Input should be greater than 0"},
+            "optim.lr",
+            "must be a finite number (got nan)",
+        ),
+        (
+            {"type": "greater_than", "input": -math.inf, "msg": "Input should be greater than 0"},
+            "optim.lr",
+            "must be a finite number (got -inf)",
+        ),
+        # a finite number: pydantic's words and the value given
+        (
+            {"type": "greater_than", "input": -0.5, "msg": "Input should be greater than 0"},
+            "optim.lr",
+            "Input should be greater than 0 (got -0.5)",
+        ),
+        # a rule of the settings' own says what was wrong itself: no "(got ...)"
+        (
+            {
+                "type": "value_error",
+                "input": {"nesterov": True},
+                "msg": "Value error, nesterov needs momentum",
+            },
+            "optim",
+            "nesterov needs momentum",
+        ),
+        (
+            {"type": "assertion_error", "input": {"a": 1}, "msg": "Assertion failed, odd"},
+            "optim",
+            "Assertion failed, odd",
+        ),
+        ({"type": "missing", "msg": "Field required"}, "train.epochs", "Field required"),
+    ],
+)
+def test_field_problem_in_the_settings_own_words(error, loc, problem):
+    assert field_problem(error, loc, KEYS_BY_SECTION) == problem
+
+
+def test_nccl_on_the_cpu_says_what_to_use_instead():
+    with pytest.raises(SettingsError) as caught:
+        check_backend_device("nccl", "cpu", SettingsError)
+    assert str(caught.value) == (
+        "the nccl backend needs CUDA GPUs, but this run is on the CPU. Use --backend gloo "
+        "(the default on CPU) or run on GPUs."
+    )
+    for backend, device in [("nccl", "cuda"), ("gloo", "cpu"), (None, "cpu")]:
+        check_backend_device(backend, device, SettingsError)
