@@ -76,3 +76,16 @@ def assert_clean_failure(result: Result, *fragments: str) -> None:
     assert result.stderr.startswith("distml: error: ")
     for fragment in fragments:
         assert fragment in result.stderr, (fragment, result.stderr)
+
+
+def assert_plot(path: Path) -> None:
+    """A figure a report can use: a PNG that reads back as an image of a usable size and is
+    not a blank canvas (axes, lines and text give many colours; a blank one gives one)."""
+    from matplotlib import image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    pixels = image.imread(path)
+    height, width = pixels.shape[:2]
+    assert height >= 200 and width >= 300, (path, pixels.shape)
+    colours = {tuple(rgba) for rgba in pixels.reshape(-1, pixels.shape[-1])[::7].tolist()}
+    assert len(colours) > 16, (path, len(colours))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import last_json, run_cli
+from conftest import assert_plot, last_json, run_cli
 from torch import nn
 
 from distml import bench
@@ -60,7 +60,7 @@ def test_bench_compares_both_pipelines_and_writes_its_files(tmp_path: Path):
     with open(out / "bench.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["line"] for r in rows] == lines
-    assert (out / "bench.png").stat().st_size > 0
+    assert_plot(out / "bench.png")
 
 
 def test_the_terminal_table_is_the_markdown_table(tmp_path: Path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import last_json, run_cli
+from conftest import assert_plot, last_json, run_cli
 
 from distml import comm
 from distml.config import CompareBackendsSettings, parse_sizes
@@ -48,6 +48,8 @@ def test_outputs_are_written(two_gloo_ranks):
     files = {name: Path(path) for name, path in two_gloo_ranks["files"].items()}
     assert set(files) == {"backends.json", "backends.csv", "bandwidth.png", "latency.png"}
     assert all(path.stat().st_size > 0 for path in files.values())
+    assert_plot(files["bandwidth.png"])
+    assert_plot(files["latency.png"])
     with files["backends.csv"].open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 1 + len(OPS) * 2  # the skipped nccl row, then every op and size
@@ -294,4 +296,4 @@ def test_train_epochs_runs_the_training_and_the_sync_probe_once_per_backend(monk
     assert gloo["steps_per_epoch"] == 200 // 16
     exposed = max(0.0, gloo["step_seconds_synced"] - gloo["step_seconds_no_sync"])
     assert gloo["allreduce_wait_seconds_per_epoch"] == pytest.approx(exposed * (200 // 16))
-    assert Path(result["files"]["training.png"]).is_file()
+    assert_plot(Path(result["files"]["training.png"]))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXACT, TINY, last_json, run_cli, train_json
+from conftest import EXACT, TINY, assert_plot, last_json, run_cli, train_json
 from safetensors.torch import load_file
 
 
@@ -76,7 +76,7 @@ def test_a_ddp_run_learns(tmp_path: Path):
         *TINY, "--epochs", "3", "--mode", "ddp", "--nproc", "2", "--out", tmp_path / "learns"
     )
     assert summary["test_accuracy"] > 0.35  # chance is 0.1
-    assert (Path(summary["run_dir"]) / "curves.png").is_file()
+    assert_plot(Path(summary["run_dir"]) / "curves.png")
 
 
 def child_pids(pid: int) -> list[int]:

@@ -7,7 +7,7 @@ import itertools
 from pathlib import Path
 
 import pytest
-from conftest import last_json, run_cli
+from conftest import assert_plot, last_json, run_cli
 
 SMALL = [
     "--dataset",
@@ -45,6 +45,7 @@ def test_range_test_suggests_a_learning_rate_that_lowers_the_loss(tmp_path: Path
     assert smooth[index + 1] < smooth[index]
     assert min(smooth[index:]) < min(smooth[:10]) - 0.01
     assert sorted(p.name for p in out.iterdir()) == ["lr_find.json", "lr_find.png"]
+    assert_plot(out / "lr_find.png")
     assert not list(tmp_path.rglob("*.safetensors"))  # never writes weights
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.error import URLError
 
 import pytest
-from conftest import TINY, assert_clean_failure, run_cli, tree_snapshot
+from conftest import TINY, assert_clean_failure, assert_plot, run_cli, tree_snapshot
 
 from distml.metrics import OVERFIT_LOSS_RISE, overfitting_verdict
 
@@ -175,7 +175,7 @@ def test_confusion_plot_title_names_the_run(tiny_run, tmp_path: Path, monkeypatc
     run_cli("eval", best, "--device", "cpu", "--out", out, "--quiet")
     run_name = Path(tiny_run["run_dir"]).name
     assert titles == [f"{run_name}/best.safetensors: test accuracy {titles[0].split()[-1]}"]
-    assert (out / "confusion.png").is_file()
+    assert_plot(out / "confusion.png")
 
 
 # ----------------------------------------------------------------------------- overfitting

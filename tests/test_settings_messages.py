@@ -139,6 +139,22 @@ def test_suggest_key_says_what_a_mistyped_key_most_likely_meant(loc, meant):
     assert suggest_key(loc, KEYS) == meant
 
 
+# the study's keys: a whole training config as one section, and top-level values
+NESTED_KEYS = ["training.train.epochs", "training.train.seed", "head.epochs", "out"]
+
+
+@pytest.mark.parametrize(
+    ("loc", "meant"),
+    [
+        ("epochs", "training.train.epochs or head.epochs"),
+        ("q.sede", "training.train.seed"),  # the key name of a key two sections deep
+        ("uot", "out"),
+    ],
+)
+def test_suggest_key_reaches_keys_two_sections_deep(loc, meant):
+    assert suggest_key(loc, NESTED_KEYS) == meant
+
+
 def test_known_sections_are_the_first_parts_of_the_dotted_keys():
     assert known_sections([*KEYS, "toplevel"]) == ["data", "model", "optim", "sched", "train"]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXACT, TINY, last_json, run_cli, train_json
+from conftest import EXACT, TINY, assert_plot, last_json, run_cli, train_json
 from safetensors.torch import load_file
 
 from distml.config import TrainConfig
@@ -77,7 +77,7 @@ def test_eval_reproduces_the_summary(tiny_run, tmp_path: Path):
     assert result["loss"] == pytest.approx(tiny_run["test_loss"], rel=1e-6)
     assert sum(map(sum, result["confusion_matrix"])) == 201
     assert set(result["per_class_accuracy"]) == {f"pattern{k}" for k in range(10)}
-    assert (tmp_path / "ev" / "confusion.png").is_file()
+    assert_plot(tmp_path / "ev" / "confusion.png")
     assert (tmp_path / "ev" / "eval.json").is_file()
 
 
