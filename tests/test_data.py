@@ -81,10 +81,12 @@ def batches_for(
     accum: int,
     dataset: ImageDataset,
     augment: bool = True,
-    channels_last: bool = False,
+    channels_last: bool | None = None,
 ):
+    """TrainBatches on the CPU; ``channels_last`` left out means TrainBatches' own default."""
     stats = channel_stats(dataset.train_images)
     device = torch.device("cpu")
+    layout = {} if channels_last is None else {"channels_last": channels_last}
     return TrainBatches(
         dataset.train_images,
         dataset.train_labels,
@@ -96,7 +98,7 @@ def batches_for(
         augment=augment,
         seed=5,
         device=device,
-        channels_last=channels_last,
+        **layout,
     )
 
 
@@ -212,7 +214,7 @@ def test_crops_shift_by_up_to_the_padding_each_way_and_half_the_images_flip():
 
 def test_batches_come_as_the_model_wants_them():
     dataset = make_synthetic(32, 10)
-    (x, y), *_ = next(batches_for(1, 0, 1, dataset).epoch(0))
+    (x, y), *_ = next(batches_for(1, 0, 1, dataset).epoch(0))  # NCHW unless asked
     assert x.dtype == torch.float32 and x.shape == (16, 3, 32, 32) and x.is_contiguous()
     assert y.dtype == torch.int64
     (x, _), *_ = next(batches_for(1, 0, 1, dataset, channels_last=True).epoch(0))
