@@ -192,6 +192,24 @@ def test_a_newer_format_is_refused_and_the_own_format_is_written(tmp_path: Path)
     assert older.distml_version == "unknown"
 
 
+def test_a_file_with_only_the_required_metadata_loads_with_the_defaults(tmp_path: Path):
+    """The oldest checkpoints carry the model, classes and normalisation alone: the optional
+    fields (settings, epoch, metrics, extra, versions) are absent, not damaged."""
+    optional = ("settings", "epoch", "metrics", "extra", "format_version", "distml_version")
+    path = damaged_copy(tmp_path, dict.fromkeys(optional))
+    assert set(read_tensors(path, "checkpoint")[1]) == {
+        "format",
+        "model_spec",
+        "classes",
+        "normalization",
+    }
+    read = load_checkpoint(path)
+    assert (read.settings, read.epoch, read.metrics, read.extra) == ({}, 0, {}, {})
+    assert (read.distml_version, read.seed) == ("unknown", 0)
+    # the good file said seed 1, epoch 4, val_accuracy 0.5: none of it is made up here
+    assert (read.classes, read.normalization["std"]) == ([str(i) for i in range(10)], [0.25] * 3)
+
+
 def test_settings_metrics_and_extra_that_json_cannot_hold_are_written_as_text(tmp_path: Path):
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, build_model(SPEC), Checkpoint(
