@@ -4,8 +4,8 @@ tests import already imported.
 mutmut forks one worker per mutant from a server that has collected the tests but run none,
 so every worker imported, on its own, what the tests import on first use: torch._dynamo (the
 first optimizer), torch._inductor (torch.compile), torchvision and PIL, matplotlib. That cost
-0.5 to 4 s per mutant, for tests that take milliseconds. With this plugin loaded (`-p
-mutmut_warmup` in mutmut's pytest arguments):
+1 to 5 s per mutant (scripts/time_mutmut_worker.py), for tests that take milliseconds. With
+this plugin loaded (`-p mutmut_warmup` in mutmut's pytest arguments):
 
 - the first session that runs tests (mutmut's stats run) writes the names of every module
   imported by its end to `mutmut-imports.txt` next to this file;
